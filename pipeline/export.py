@@ -1,0 +1,109 @@
+"""A complete export folder, written to a staging folder and moved into place atomically.
+
+Complete means what users load and serve: config.json with quantization_config, the
+quantized weights, and the source's tokenizer, processor, chat template and generation
+config files. A failed or interrupted run never replaces a good export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.model import Source, sidecar_files
+from pipeline.plan import Plan
+from pipeline.quantize import Backend
+from pipeline.recipe import Recipe
+
+WEIGHT_GLOB = "*.safetensors"
+
+
+class ExportIncomplete(RuntimeError):
+    pass
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh folder beside `final` (same filesystem, so the final move is a rename)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted_swap(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}-staging-", dir=final.parent))
+
+
+def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: Plan, folder: Path) -> list[str]:
+    """Save the quantized model and the source's side files into `folder`; return the copied names."""
+    backend.save(model, folder, recipe)
+    add_missing_ignores(folder, plan)
+    copied = []
+    for path in sidecar_files(source):
+        if not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
+            copied.append(path.name)
+    check_complete(folder, plan)
+    return copied
+
+
+def add_missing_ignores(folder: Path, plan: Plan) -> None:
+    """compressed-tensors derives `ignore` from the module classes it quantized (Linear), so fused
+    MoE experts kept in BF16 are not listed; vLLM applies the Linear scheme to experts unless
+    they are ignored, so the plan's entries are added."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    ignore = config.get("quantization_config", {}).get("ignore")
+    if ignore is None:
+        return
+    missing = [name for name in plan.ignore if name not in ignore]
+    if missing:
+        config["quantization_config"]["ignore"] = ignore + missing
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
+    """Every module the plan keeps must be ignored, and no quantized module may be."""
+    problems = [f"{name} is kept in BF16 but not in quantization_config.ignore"
+                for name in plan.ignore if name not in ignore]
+    quantized = {m.name for m in plan.quantized}
+    for entry in ignore:
+        hit = [n for n in quantized if re.fullmatch(entry[3:], n)] if entry.startswith("re:") else \
+            [n for n in quantized if n == entry]
+        problems += [f"{n} is quantized but quantization_config.ignore lists it ({entry})" for n in hit]
+    return problems
+
+
+def check_complete(folder: Path, plan: Plan) -> None:
+    """The export has weights and a quantization_config whose ignore list matches the plan."""
+    if not any(folder.glob(WEIGHT_GLOB)):
+        raise ExportIncomplete(f"{folder}: no safetensors weights were written")
+    config = json.loads((folder / "config.json").read_text())
+    qconfig = config.get("quantization_config")
+    if not qconfig:
+        raise ExportIncomplete(f"{folder}/config.json has no quantization_config")
+    if problems := ignore_problems(qconfig.get("ignore", []), plan):
+        raise ExportIncomplete(f"quantization_config.ignore does not match the plan ({len(problems)} problems): "
+                               + "; ".join(problems[:5]))
+
+
+def replace_atomically(staging: Path, final: Path) -> None:
+    """Move `staging` to `final`; an existing `final` is only removed once the new one is in place."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
+        final.rename(old / final.name)
+    staging.rename(final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _restore_interrupted_swap(final: Path) -> None:
+    """A run killed between the two renames of replace_atomically left the good export aside."""
+    if final.exists():
+        return
+    for old in sorted(final.parent.glob(f".{final.name}-old-*/{final.name}")):
+        old.rename(final)
+        return
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())

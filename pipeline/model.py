@@ -1,0 +1,138 @@
+"""The source checkpoint: config, weights and the files that travel with them.
+
+A model spec is a Hub id, a local folder, or `tiny:<variant>` (a seeded random tiny Gemma 4,
+built once into a cache folder so every later stage treats it like any local checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.recipe import ModelSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files written by the export itself, never copied from the source.
+EXPORT_WRITES = ("config.json", "README.md", "recipe.yaml")
+SIDECAR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.py"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved checkpoint: where its files are and what to call it."""
+
+    spec: ModelSpec
+    path: Path | None  # local folder; None for a Hub id not downloaded yet
+
+    @property
+    def ref(self) -> str:
+        """What transformers' from_pretrained takes."""
+        return str(self.path) if self.path else self.spec.id
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GEMMA_QUANT_CACHE", Path.home() / ".cache" / "gemma-quant"))
+
+
+def resolve(spec: ModelSpec) -> Source:
+    if spec.id.startswith("tiny:"):
+        return Source(spec, _tiny_source(spec.id.removeprefix("tiny:"), spec.seed))
+    local = Path(spec.id).expanduser()
+    if local.is_dir():
+        return Source(spec, local.resolve())
+    return Source(spec, None)
+
+
+def _tiny_source(variant: str, seed: int) -> Path:
+    from pipeline.tiny import build_tiny_source
+
+    dest = cache_dir() / "tiny" / f"{variant}-seed{seed}"
+    if (dest / "model.safetensors").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=dest.parent))
+    build_tiny_source(variant, staging, seed=seed)
+    try:
+        staging.rename(dest)
+    except OSError:  # built concurrently by another process: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def load_config(source: Source):
+    """The source's config; for the known Gemma 4 Hub ids, the bundled copy when the Hub is out of reach
+    (so plans of the shipped recipes work offline)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.ref, revision=source.spec.revision)
+    except OSError:
+        bundled = bundled_config_name(source.spec.id)
+        if source.path is not None or bundled is None:
+            raise
+        from pipeline.tiny import full_config
+
+        log.warning("%s: Hub unreachable, planning from the bundled copy of its config", source.spec.id)
+        return AutoConfig.for_model(**full_config(bundled))
+
+
+def bundled_config_name(model_id: str) -> str | None:
+    """`google/gemma-4-E2B-it` -> `e2b` when a copy of that config ships with the package."""
+    from pipeline.tiny import VARIANTS
+
+    stem = model_id.removeprefix("google/").removesuffix("-it")
+    return next((variant for variant, name in VARIANTS.items() if name == stem), None)
+
+
+def text_config(config):
+    return config.get_text_config()
+
+
+def is_multimodal(config) -> bool:
+    return getattr(config, "vision_config", None) is not None or getattr(config, "audio_config", None) is not None
+
+
+def model_class(config):
+    """The Auto class users load this checkpoint with."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+
+
+def build_meta_model(config):
+    """The model's module tree with no storage: enough to plan, nothing loaded."""
+    import torch
+
+    with torch.device("meta"):
+        return model_class(config).from_config(config, dtype=torch.bfloat16)
+
+
+def load_model(source: Source, config, device_map: str | None = None):
+    import torch
+
+    return model_class(config).from_pretrained(
+        source.ref, revision=source.spec.revision, dtype=torch.bfloat16, device_map=device_map
+    )
+
+
+def sidecar_files(source: Source) -> list[Path]:
+    """Tokenizer, processor, chat template and generation config files of the source: everything
+    in the checkpoint folder that is not weights and not rewritten by the export."""
+    folder = source.path
+    if folder is None:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source.spec.id, revision=source.spec.revision,
+                                        allow_patterns=SIDECAR_PATTERNS))
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+        and p.name not in WEIGHT_INDEXES and p.name not in EXPORT_WRITES and not p.name.startswith(".")
+    )

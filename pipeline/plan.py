@@ -1,0 +1,233 @@
+"""The plan: every weight of the model, its component, and its fate under the recipe.
+
+Built from the config alone (a meta-device model: module names and shapes, no storage). The
+same plan drives the quantize step: the quantizer's target and ignore lists come from it,
+never from a second hand-written list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from pipeline.recipe import Recipe
+
+Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
+                    "moe_router", "moe_experts", "other"]
+
+# Why each component stays in BF16: a short label (the plan's `reason`) and the longer why.
+KEEP_REASONS: dict[str, str] = {
+    "vision": "vision tower",
+    "audio": "audio tower",
+    "projector": "multimodal projector",
+    "ple": "Per-Layer-Embedding",
+    "lm_head": "lm_head",
+    "embedding": "embedding table",
+    "moe_router": "MoE router",
+    "moe_experts": "fused MoE experts",
+    "other": "norms and scalars",
+}
+WHY_KEPT: dict[str, str] = {
+    "vision tower": "small and quality-sensitive; vLLM serves it unquantized",
+    "audio tower": "small and quality-sensitive; vLLM serves it unquantized",
+    "multimodal projector": "maps tower outputs into the text embedding space",
+    "Per-Layer-Embedding": "the PLE path sits beside the decoder's linears, not in them",
+    "lm_head": "tied to embed_tokens; every generated token reads it",
+    "embedding table": "not a Linear layer",
+    "MoE router": "routing decisions are precision-sensitive",
+    "fused MoE experts": "3-D parameters, not Linear layers: RTN through llmcompressor leaves them BF16",
+    "shape": "the scheme cannot take this input width (group size or 32-bit packing)",
+    "recipe": "listed under skip: in the recipe",
+}
+
+_COMPONENT_RULES: list[tuple[str, str]] = [
+    (r"(^|\.)vision_tower\.", "vision"),
+    (r"(^|\.)audio_tower\.", "audio"),
+    (r"(^|\.)(embed_vision|embed_audio|multi_modal_projector)\.", "projector"),
+    (r"(^|\.)(per_layer_model_projection|per_layer_input_gate|per_layer_projection|embed_tokens_per_layer)\b", "ple"),
+    (r"^lm_head$", "lm_head"),
+    (r"(^|\.)embed_tokens$", "embedding"),
+    (r"\.router(\.|$)", "moe_router"),
+    (r"\.experts$", "moe_experts"),
+    (r"(^|\.)layers\.\d+\.(self_attn|mlp)\.", "text_decoder"),
+]
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:language_model\.|model\.)layers\.(\d+)\.")
+
+
+class ModuleFate(BaseModel):
+    name: str
+    component: str
+    kind: Literal["linear", "embedding", "experts"]
+    shape: list[int]
+    params: int
+    layer: int | None = None
+    layer_type: str | None = None
+    submodule: str
+    quantize: bool
+    reason: str = ""
+    tied_to: str | None = None  # shares its weight with another module (stored once)
+    bf16_bytes: int
+    export_bytes: int
+
+
+class Plan(BaseModel):
+    model_id: str
+    scheme: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    modules: list[ModuleFate]
+    other_params: int
+
+    @property
+    def quantized(self) -> list[ModuleFate]:
+        return [m for m in self.modules if m.quantize]
+
+    @property
+    def ignore(self) -> list[str]:
+        """What the quantizer must skip and the export's `quantization_config.ignore`: every Linear
+        left unquantized and every fused expert block kept BF16. Fused experts are named twice:
+        as the module transformers loads (`...experts`) and as the per-expert linears that
+        llmcompressor and vLLM address (`...experts.<i>.<gate|up|down>_proj`)."""
+        names = []
+        for m in self.modules:
+            if m.quantize or m.kind == "embedding":
+                continue
+            names.append(m.name)
+            if m.kind == "experts":
+                names.append(f"re:^{re.escape(m.name)}\\.\\d+\\.(gate|up|down)_proj$")
+        return names
+
+    @property
+    def bf16_bytes(self) -> int:
+        return sum(m.bf16_bytes for m in self.modules) + 2 * self.other_params
+
+    @property
+    def export_bytes(self) -> int:
+        return sum(m.export_bytes for m in self.modules) + 2 * self.other_params
+
+    @property
+    def total_params(self) -> int:
+        return sum(m.params for m in self.modules if not m.tied_to) + self.other_params
+
+    def summary(self) -> list[dict]:
+        """Rows grouped by component, layer type and submodule, with counts and sizes."""
+        rows: dict[tuple, dict] = defaultdict(lambda: {"count": 0, "params": 0, "bf16_bytes": 0, "export_bytes": 0})
+        for m in self.modules:
+            decoder = m.component == "text_decoder"
+            key = (m.component, (m.layer_type or "-") if decoder else "-", m.submodule if decoder else "*", "quantize" if m.quantize else "keep", m.reason)
+            row = rows[key]
+            row["count"] += 1
+            row["params"] += 0 if m.tied_to else m.params
+            row["bf16_bytes"] += m.bf16_bytes
+            row["export_bytes"] += m.export_bytes
+        return [
+            {"component": c, "layer_type": t, "submodule": s, "fate": f, "reason": r, **v}
+            for (c, t, s, f, r), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "text_decoder", kv[0]))
+        ]
+
+    def counts(self) -> dict[str, int]:
+        linears = [m for m in self.modules if m.kind == "linear"]
+        return {"linear": len(linears), "quantized": len(self.quantized), "kept": len(linears) - len(self.quantized)}
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def component_of(name: str) -> str:
+    for pattern, component in _COMPONENT_RULES:
+        if re.search(pattern, name):
+            return component
+    return "other"
+
+
+def quantized_bytes(out_features: int, in_features: int, bits: int, group_size: int | None, symmetric: bool) -> int:
+    """Bytes of one Linear in compressed-tensors' pack-quantized format: int32-packed weights,
+    BF16 scales per group (or per channel), packed zero points when asymmetric, the shape."""
+    groups = in_features // group_size if group_size else 1
+    packed = out_features * math.ceil(in_features * bits / 32) * 4
+    scales = out_features * groups * 2
+    zero_points = 0 if symmetric else math.ceil(out_features * bits / 32) * groups * 4
+    return packed + scales + zero_points + 2 * 8
+
+
+def _skip_match(name: str, patterns: list[str]) -> str | None:
+    for pattern in patterns:
+        if pattern.startswith("re:") and re.fullmatch(pattern[3:], name) or pattern == name:
+            return pattern
+    return None
+
+
+def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe) -> tuple[bool, str]:
+    if (pattern := _skip_match(name, recipe.skip)) is not None:
+        return False, f"recipe: skip {pattern}"
+    if component != "text_decoder":
+        return False, KEEP_REASONS[component]
+    in_features = shape[1]
+    if recipe.group_size and in_features % recipe.group_size:
+        return False, f"shape: in {in_features} % group {recipe.group_size} != 0"
+    if (in_features * recipe.bits) % 32:
+        return False, f"shape: in {in_features} x {recipe.bits} bits % 32 != 0"
+    return True, ""
+
+
+def build_plan(meta_model, config, recipe: Recipe) -> Plan:
+    import torch
+
+    layer_types = getattr(config.get_text_config(), "layer_types", None) or []
+    first_owner: dict[int, str] = {}
+    for pname, param in meta_model.named_parameters(remove_duplicate=False):
+        first_owner.setdefault(id(param), pname.rsplit(".", 1)[0])
+
+    fates: list[ModuleFate] = []
+    covered: set[int] = set()
+    for name, module in meta_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        elif isinstance(module, torch.nn.Embedding):
+            kind = "embedding"
+        elif component_of(name) == "moe_experts":
+            kind = "experts"
+        else:
+            continue
+        params = [p for p in module.parameters(recurse=False)]
+        weight = module.weight if kind != "experts" else None
+        shape = list(weight.shape) if weight is not None else [sum(p.numel() for p in params)]
+        numel = sum(p.numel() for p in params)
+        owner = first_owner[id(weight)] if weight is not None else name
+        tied_to = owner if owner != name else None
+        component = component_of(name)
+        quantize, reason = _linear_fate(name, component, shape, recipe) if kind == "linear" else (False, KEEP_REASONS[component])
+        if tied_to:
+            reason = f"{reason} (tied, stored once)"
+        match = _LAYER_INDEX.search(name)
+        layer = int(match.group(1)) if match and component in ("text_decoder", "ple", "moe_router", "moe_experts") else None
+        bf16 = 0 if tied_to else 2 * numel
+        export = (quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric)
+                  + 2 * (numel - shape[0] * shape[1])) if quantize else bf16
+        parts = name.split(".")
+        fates.append(ModuleFate(
+            name=name, component=component, kind=kind, shape=shape, params=numel, layer=layer,
+            layer_type=layer_types[layer] if layer is not None and layer < len(layer_types) else None,
+            submodule=parts[-2] if parts[-1] == "linear" else parts[-1],
+            quantize=quantize, reason=reason, tied_to=tied_to, bf16_bytes=bf16, export_bytes=export,
+        ))
+        covered.update(id(p) for p in params)
+
+    other = sum(p.numel() for p in meta_model.parameters() if id(p) not in covered)
+    # Persistent buffers are saved in the checkpoint too (e.g. the vision/audio clip bounds).
+    other += sum(b.numel() for module in meta_model.modules()
+                 for bname, b in module.named_buffers(recurse=False)
+                 if bname not in module._non_persistent_buffers_set)
+    return Plan(model_id=recipe.model.id, scheme=recipe.scheme, bits=recipe.bits, group_size=recipe.group_size,
+                symmetric=recipe.symmetric, modules=fates, other_params=other)
+

@@ -1,0 +1,46 @@
+"""Quantization passes: one backend per library behind one interface.
+
+A backend quantizes a loaded model in place, exactly as the plan says (the plan's quantized
+modules and nothing else), and saves it in the recipe's export format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.plan import Plan
+from pipeline.recipe import Recipe
+
+
+class Backend(Protocol):
+    name: str
+
+    def quantize(self, model, plan: Plan, recipe: Recipe) -> None: ...
+
+    def save(self, model, folder: Path, recipe: Recipe) -> None: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+def get_backend(recipe: Recipe) -> Backend:
+    if recipe.backend == "llmcompressor":
+        from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
+
+        return LLMCompressorBackend()
+    raise ValueError(f"no backend {recipe.backend!r}")
+
+
+class PlanMismatch(RuntimeError):
+    """The library quantized a different set of modules than the plan asked for."""
+
+
+def check_applied(quantized_names: set[str], plan: Plan) -> None:
+    """Compare what the library actually quantized with the plan, both ways."""
+    wanted = {m.name for m in plan.quantized}
+    missing, extra = sorted(wanted - quantized_names), sorted(quantized_names - wanted)
+    if missing or extra:
+        raise PlanMismatch(
+            f"the quantizer did not follow the plan: {len(missing)} planned modules left unquantized "
+            f"{missing[:5]}, {len(extra)} unplanned modules quantized {extra[:5]}"
+        )

@@ -1,0 +1,204 @@
+"""Recipes: the YAML files that drive a run, validated before any model is loaded.
+
+A recipe is checked in two steps, both cheap: the schema (keys, types, allowed values,
+combinations) when the file is read, and the model-dependent checks (does the group size
+divide the model's dimensions) once the model's config - never its weights - is known.
+Every failure is a `RecipeError` naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+Scheme = Literal["W4A16", "W8A16"]
+SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
+GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
+# What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
+# recipes can be written for them; `available_algorithms` says which this version executes.
+ALGORITHM_BACKENDS = {"rtn": "llmcompressor"}
+EXPORT_SCHEMES = {"compressed-tensors": ("W4A16", "W8A16"), "gptq": ("W4A16",)}
+IMPLEMENTED_EXPORTS = ("compressed-tensors",)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with the file, the key and the fix in the message."""
+
+    def __init__(self, source: str | Path, key: str, message: str):
+        self.source, self.key = str(source), key
+        super().__init__(f"{source}: {key}: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Where the checkpoint comes from: a Hub id, a local folder, or `tiny:<variant>`."""
+
+    id: str = Field(min_length=1)
+    revision: str | None = None
+    seed: int = 0  # random weights of tiny:<variant> models
+
+    @field_validator("id")
+    @classmethod
+    def _known_tiny(cls, value: str) -> str:
+        from pipeline.tiny import VARIANTS
+
+        if value.startswith("tiny:") and value.removeprefix("tiny:") not in VARIANTS:
+            raise ValueError(f"unknown tiny model {value!r}; allowed: {', '.join('tiny:' + v for v in VARIANTS)}")
+        return value
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    model: ModelSpec
+    scheme: Scheme
+    algorithm: Literal["rtn", "autoround", "gptq"] = "rtn"
+    # None means one scale per output channel; W8A16 defaults to that, W4A16 to 128.
+    group_size: int | None = None
+    symmetric: bool = True
+    skip: list[str] = Field(default_factory=list)
+    export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    output_dir: str | None = None
+    reload_check: bool = True
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value):
+        return {"id": value} if isinstance(value, str) else value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        if value is not None and value not in GROUP_SIZES:
+            raise ValueError(f"got {value}; allowed: {', '.join(map(str, GROUP_SIZES))}, or null for per-channel")
+        return value
+
+    @field_validator("skip")
+    @classmethod
+    def _skip_patterns(cls, value: list[str]) -> list[str]:
+        import re
+
+        for pattern in value:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheme_defaults(cls, data):
+        if isinstance(data, dict) and data.get("scheme") == "W4A16" and "group_size" not in data:
+            data = {**data, "group_size": 128}
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.scheme not in EXPORT_SCHEMES[self.export]:
+            raise _KeyError("export", f"format {self.export!r} cannot hold {self.scheme}; "
+                            f"{self.scheme} exports as: compressed-tensors")
+        if self.export not in IMPLEMENTED_EXPORTS:
+            raise _KeyError("export", f"format {self.export!r} is not available in this version; "
+                            f"available: {', '.join(IMPLEMENTED_EXPORTS)}")
+        if self.algorithm not in ALGORITHM_BACKENDS:
+            raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
+                            f"available: {', '.join(ALGORITHM_BACKENDS)}")
+        return self
+
+    @property
+    def bits(self) -> int:
+        return SCHEME_BITS[self.scheme]
+
+    @property
+    def backend(self) -> str:
+        return ALGORITHM_BACKENDS[self.algorithm]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+class _KeyError(ValueError):
+    """Raised inside validators that concern another key than the one being validated."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file from a path, or from a bare name looked up in `recipes/`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise RecipeError(name_or_path, "recipe", f"no such file, and no recipes/{name_or_path}.yaml; known recipes: {known}")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and validate a recipe; any problem raises RecipeError before a model is touched."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(path, "yaml", f"not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(path, "recipe", "the file must hold a mapping of keys (model:, scheme:, ...)")
+    data.setdefault("name", path.stem)
+    return parse_recipe(data, source=path)
+
+
+def parse_recipe(data: dict, source: str | Path = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _recipe_error(err, source) from None
+
+
+def _recipe_error(err: ValidationError, source: str | Path) -> RecipeError:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "recipe"
+    ctx_error = first.get("ctx", {}).get("error")
+    if isinstance(ctx_error, _KeyError):
+        return RecipeError(source, ctx_error.key, str(ctx_error))
+    if first["type"] == "extra_forbidden":
+        allowed = sorted(_fields_at(first["loc"][:-1]))
+        return RecipeError(source, key, f"unknown key; allowed keys here: {', '.join(allowed)}")
+    if first["type"] == "missing":
+        return RecipeError(source, key, "required key is missing")
+    if first["type"] == "literal_error":
+        return RecipeError(source, key, f"got {first['input']!r}; allowed: {first['ctx']['expected']}")
+    message = first["msg"].removeprefix("Value error, ")
+    return RecipeError(source, key, f"{message} (got {first['input']!r})" if "got" not in message else message)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+    return list(model.model_fields)
+
+
+def check_against_config(recipe: Recipe, text_config, source: str | Path) -> None:
+    """Model-dependent checks, from the config alone: the group size must divide the width
+    that every decoder projection reads (hidden size), else nothing useful can be quantized."""
+    if recipe.group_size is None:
+        return
+    hidden = text_config.hidden_size
+    if hidden % recipe.group_size:
+        divisors = [g for g in GROUP_SIZES if hidden % g == 0]
+        raise RecipeError(source, "group_size", f"{recipe.group_size} does not divide the text hidden size {hidden} "
+                          f"of {recipe.model.id}; allowed for this model: {', '.join(map(str, divisors)) or 'null'}")

@@ -1,0 +1,171 @@
+"""A run: the stages of one recipe, their outputs in `runs/<recipe>/`, and a manifest.
+
+runs/<recipe>/
+  plan.json       every module's fate and the size estimate
+  export/         the complete, reloadable checkpoint (replaced atomically)
+  manifest.json   resolved recipe, source, versions, timings, sizes, reload numbers
+  logs/           one log per stage invocation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.model import Source, build_meta_model, load_config, load_model, model_class, resolve, text_config
+from pipeline.plan import Plan, build_plan
+from pipeline.recipe import Recipe, check_against_config, load_recipe, resolve_recipe_path
+
+log = logging.getLogger("pipeline")
+
+EXPORT = "export"
+PLAN = "plan.json"
+MANIFEST = "manifest.json"
+
+
+class ReloadFailed(RuntimeError):
+    pass
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "llmcompressor", "compressed-tensors", "auto-round", "accelerate")
+    found = {"python": platform.python_version(), "gemma-quant": __version__}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except Exception:
+            continue
+    return found
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, Plan]:
+    """Config only: resolve the source, validate the recipe against it, build the plan."""
+    source = resolve(recipe.model)
+    config = load_config(source)
+    check_against_config(recipe, text_config(config), recipe_path)
+    return source, config, build_plan(build_meta_model(config), config, recipe)
+
+
+def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
+    recipe = load_recipe(recipe_ref)
+    _, _, plan = make_plan(recipe, resolve_recipe_path(recipe_ref))
+    run_dir = run_dir or recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / PLAN)
+    return plan
+
+
+def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None) -> dict:
+    """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest."""
+    from pipeline import reload as reloading
+    from pipeline.export import folder_bytes, replace_atomically, staging_dir, write_export
+    from pipeline.quantize import get_backend
+
+    recipe_path = resolve_recipe_path(recipe_ref)
+    recipe = load_recipe(recipe_path)
+    run_dir = run_dir or recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    started = datetime.now(timezone.utc)
+    with _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
+        with timer.stage("plan"):
+            source, config, plan = make_plan(recipe, recipe_path)
+            plan.save(run_dir / PLAN)
+        backend = get_backend(recipe)
+        with timer.stage("load"):
+            model = load_model(source, config)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+            probe = reloading.probe_input_ids(tokenizer)
+            reference = reloading.logits(model, probe)
+        with timer.stage("quantize"):
+            backend.quantize(model, plan, recipe)
+            in_memory = reloading.logits(model, probe)
+        final = run_dir / EXPORT
+        staging = staging_dir(final)
+        try:
+            with timer.stage("export"):
+                copied = write_export(model, backend, source, recipe, plan, staging)
+            del model
+            report = None
+            if recipe.reload_check if reload_check is None else reload_check:
+                with timer.stage("reload_check"):
+                    report = reloading.reload_check(staging, model_class(config), probe, reference, in_memory)
+                if report.problems:
+                    raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
+            replace_atomically(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        manifest = {
+            "tool": {"name": "gemma-quant", "version": __version__},
+            "status": "ok",
+            "created": started.isoformat(timespec="seconds"),
+            "recipe_file": str(recipe_path),
+            "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
+            "recipe": recipe.model_dump(mode="json"),
+            "source": {"id": recipe.model.id, "path": str(source.path) if source.path else None,
+                       "revision": recipe.model.revision},
+            "backend": backend.name,
+            "versions": library_versions(),
+            "timings_s": timer.seconds,
+            "plan": {"file": PLAN, **plan.counts()},
+            "sizes": {
+                "source_bf16_bytes_estimate": plan.bf16_bytes,
+                "export_weights_bytes_estimate": plan.export_bytes,
+                "export_weights_bytes": folder_bytes(final, "*.safetensors"),
+                "export_bytes": folder_bytes(final),
+            },
+            "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied},
+            "reload": report.model_dump() if report else None,
+        }
+        write_json_atomically(run_dir / MANIFEST, manifest)
+        log.info("export ready: %s", final)
+    return manifest
+
+
+@contextmanager
+def _log_to(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    except BaseException:
+        log.exception("run failed; any previous export is left as it was")
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,172 @@
+"""Tiny Gemma 4 checkpoints built from the real configs, for offline runs and tests.
+
+Each tiny config is the bundled full-size config shrunk in width and depth while keeping
+every architectural feature that quantization has to get right: the sliding/full layer mix
+(ending on a full layer), per-layer head dims with partial RoPE, PLE, KV sharing, the
+double-wide MLP, `attention_k_eq_v`, MoE experts and router, and the vision and audio towers.
+Dimensions that the real model's group size does not divide (26B-A4B's 2112-wide MLP and
+704-wide experts) stay indivisible so the plan's shape rules are exercised.
+
+A tiny *source* is a complete checkpoint folder like one downloaded from the Hub: config,
+seeded random weights, tokenizer, chat template, processor and generation config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+VARIANTS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B"}
+
+TINY_VOCAB = 1024
+TEXT_HIDDEN = 256
+SLIDING_HEAD_DIM = 64
+GLOBAL_HEAD_DIM = 128
+PLE_DIM = 64
+SLIDING_WINDOW = 32
+
+# Per variant: decoder depth and how many trailing layers share KV (same proportions as the real ones).
+DEPTH = {"e2b": (10, 5), "e4b": (12, 6), "31b": (6, 0), "26b-a4b": (6, 0)}
+
+# Special tokens, in id order after the ordinary vocabulary's reserved ids 0-3.
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>",
+                  "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+)
+
+
+def full_config(variant: str) -> dict:
+    """The bundled full-size config of a Gemma 4 variant (e2b, e4b, 31b, 26b-a4b)."""
+    name = VARIANTS[variant]
+    text = resources.files("pipeline.model_configs").joinpath(f"{name}.json").read_text()
+    return json.loads(text)
+
+
+def _shrunk_layer_types(full_types: list[str], depth: int) -> list[str]:
+    """The real layers' repeating sliding/full pattern, cut to `depth` and ending on full attention."""
+    period = full_types.index("full_attention") + 1
+    types = [full_types[i % period] for i in range(depth)]
+    types[-1] = "full_attention"
+    return types
+
+
+def tiny_config(variant: str) -> dict:
+    """A tiny config with the same architectural features as the real variant."""
+    cfg = copy.deepcopy(full_config(variant))
+    text = cfg["text_config"]
+    depth, shared = DEPTH[variant]
+    ratio = TEXT_HIDDEN / text["hidden_size"]
+    kv_heads = min(text["num_key_value_heads"], 2)
+    text.update(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TEXT_HIDDEN,
+        # 26B-A4B's 2112 (not a multiple of 128) stays a non-multiple of 128: 192.
+        intermediate_size=int(round(text["intermediate_size"] * ratio / 64)) * 64,
+        num_hidden_layers=depth,
+        layer_types=_shrunk_layer_types(text["layer_types"], depth),
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=SLIDING_HEAD_DIM,
+        global_head_dim=GLOBAL_HEAD_DIM,
+        sliding_window=SLIDING_WINDOW,
+        num_kv_shared_layers=shared,
+        max_position_embeddings=4096,
+        # Random weights at the usual 0.02 give near-uniform next-token distributions, where
+        # any perturbation flips the argmax; 0.1 gives peaked ones, like a trained model's.
+        initializer_range=0.1,
+    )
+    if text.get("num_global_key_value_heads"):
+        text["num_global_key_value_heads"] = 1
+    if text.get("hidden_size_per_layer_input"):
+        text["hidden_size_per_layer_input"] = PLE_DIM
+        text["vocab_size_per_layer_input"] = TINY_VOCAB
+    else:
+        text["vocab_size_per_layer_input"] = TINY_VOCAB
+    if text.get("enable_moe_block"):
+        text.update(num_experts=8, top_k_experts=2,
+                    moe_intermediate_size=int(round(text["moe_intermediate_size"] * ratio / 32)) * 32)
+    cfg["vision_config"] = {
+        **cfg["vision_config"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 32,
+        "position_embedding_size": 256, "use_clipped_linears": True,
+    }
+    if cfg.get("audio_config"):
+        cfg["audio_config"].update(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            subsampling_conv_channels=[16, 8], output_proj_dims=128,
+        )
+    ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    cfg.update(
+        image_token_id=ids["<|image|>"], boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+        audio_token_id=ids["<|audio|>"], boa_token_id=ids["<|audio>"], eoa_token_id=ids["<audio|>"],
+        video_token_id=ids["<|video|>"], eos_token_id=[ids["<eos>"], ids["<turn|>"]],
+    )
+    if "vision_soft_tokens_per_image" in cfg:
+        cfg["vision_soft_tokens_per_image"] = 16
+    return cfg
+
+
+def _train_tokenizer():
+    """A byte-level BPE tokenizer with Gemma 4's special tokens, trained on stdlib text."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((topics[k] for k in sorted(topics)), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>", mask_token="<mask>", chat_template=CHAT_TEMPLATE, add_bos_token=True,
+        extra_special_tokens={
+            "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+            "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+            "sot_token": "<|turn>", "eot_token": "<turn|>",
+        },
+    )
+
+
+def build_tiny_source(variant: str, dest: Path, seed: int = 0) -> Path:
+    """Write a complete tiny checkpoint folder for `variant` into `dest` (deterministic for a seed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(variant)
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    _widen_norm_weights(model, seed)
+    model.save_pretrained(dest)
+    GenerationConfig(bos_token_id=2, eos_token_id=cfg["eos_token_id"], pad_token_id=0,
+                     do_sample=True, top_k=64, top_p=0.95).save_pretrained(dest)
+    _train_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def _widen_norm_weights(model, seed: int) -> None:
+    """Random init leaves every RMSNorm weight at one value; perturb them so that a wrong
+    norm-to-layer mapping in any later stage changes the logits."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and param.ndim == 1:
+                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.1)

@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Tests never reach the network; tiny models are built into a per-session cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VARIANTS = ["e2b", "e4b", "31b", "26b-a4b"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("gemma-quant-cache")
+    os.environ["GEMMA_QUANT_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe dict to a YAML file in tmp_path, with its run directory in tmp_path."""
+
+    def write(name: str = "test-recipe", **fields) -> Path:
+        fields.setdefault("output_dir", str(tmp_path / "runs" / name))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(fields, sort_keys=False))
+        return path
+
+    return write

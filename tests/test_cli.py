@@ -1,0 +1,40 @@
+"""The CLI is thin: the same verbs, readable output, exit codes that scripts can rely on."""
+
+import json
+
+from pipeline.cli import main
+
+
+def test_plan_prints_components_and_writes_plan_json(write_recipe, capsys, tmp_path):
+    path = write_recipe("cli-plan", model="tiny:e2b", scheme="W4A16")
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("text_decoder", "sliding_attention", "full_attention", "vision tower", "audio tower",
+                 "Per-Layer-Embedding", "multimodal projector", "linear layers: 123 (60 quantized, 63 kept)"):
+        assert text in out
+    plan = json.loads((tmp_path / "runs" / "cli-plan" / "plan.json").read_text())
+    assert plan["scheme"] == "W4A16" and len(plan["modules"]) > 100
+
+
+def test_plan_of_a_real_recipe_works_offline(capsys, tmp_path):
+    assert main(["plan", "e2b-w4a16", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "linear layers: 526 (205 quantized, 321 kept)" in out
+    assert "estimated size: 7.484 GB vs 10.209 GB BF16" in out
+
+
+def test_recipe_error_exits_2_with_the_message(write_recipe, capsys):
+    path = write_recipe("cli-bad", model="tiny:e2b", scheme="W4A16", group_size=100)
+    assert main(["plan", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "recipe error" in out and "group_size: got 100" in out.replace("\n", " ")
+
+
+def test_quantize_reports_where_and_how_close(write_recipe, capsys, tmp_path):
+    path = write_recipe("cli-quantize", model="tiny:31b", scheme="W8A16")
+    assert main(["quantize", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"done: {tmp_path / 'runs' / 'cli-quantize'}/export" in out.replace("\n", "")
+    assert "reload check vs unquantized: KL" in out
+    manifest = json.loads((tmp_path / "runs" / "cli-quantize" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and set(manifest["timings_s"]) == {"plan", "load", "quantize", "export", "reload_check"}
