@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -48,17 +49,63 @@ def cmd_plan(args) -> None:
     console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}")
 
 
-def cmd_quantize(args) -> None:
+def cmd_quantize(args) -> int:
     from pipeline.run import quantize_run
+    from pipeline.validate import ValidationFailed
 
-    manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None)
-    sizes, reload = manifest["sizes"], manifest["reload"]
-    console.print(f"[bold green]done[/]: {args.run_dir or _run_dir(args.recipe)}/export "
-                  f"({_gb(sizes['export_weights_bytes'])} weights; plan estimated {_gb(sizes['export_weights_bytes_estimate'])})")
-    if reload:
-        q = reload["vs_unquantized"]
-        console.print(f"reload check vs unquantized: KL {q['kl_mean']:.5f}, top-1 {q['top1_agreement']:.3f}, "
-                      f"max |Δlogit| {q['max_abs_diff']:.4f}")
+    run_dir = args.run_dir or _run_dir(args.recipe)
+    try:
+        manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
+                                validate=not args.no_validate)
+    except ValidationFailed as err:
+        show_eval(run_dir)
+        console.print(f"[bold red]{err}[/]\nthe export is kept in {run_dir / 'export'}; its manifest marks it as failing")
+        return 1
+    sizes = manifest["sizes"]
+    if not args.no_validate:
+        show_eval(run_dir)
+    console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes['export_weights_bytes'])} weights; "
+                  f"plan estimated {_gb(sizes['export_weights_bytes_estimate'])})")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.validate import ValidationFailed, validate_run
+
+    try:
+        validate_run(args.run_dir)
+    except ValidationFailed as err:
+        show_eval(args.run_dir)
+        console.print(f"[bold red]{err}[/]")
+        return 1
+    show_eval(args.run_dir)
+    return 0
+
+
+def show_eval(run_dir: Path) -> None:
+    from pipeline.validate import EVAL_JSON
+
+    report = json.loads((run_dir / EVAL_JSON).read_text())
+    q, s = report["quality"], report["sizes"]
+    title = f"validation: {report['model_id']}, {report['scheme']}"
+    table = Table(title=f"{title} ({q['samples']}×{q['seq_len']} held-out tokens)" if q else title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    quality_rows = [("KL mean", f"{q['kl_mean']:.5f}"), ("KL p99", f"{q['kl_p99']:.5f}"),
+                    ("top-1 agreement", f"{q['top1_agreement']:.4f}"),
+                    ("perplexity unquantized → quantized", f"{q['ppl_reference']:.3f} → {q['ppl_quantized']:.3f}"),
+                    ("perplexity ratio", f"{q['ppl_ratio']:.4f}")] if q else [("quality", "not measured")]
+    for name, value in [*quality_rows,
+                        ("weights on disk", f"{_gb(s['export_weights_bytes'])} ({s['export_vs_source']:.1%} of BF16)"),
+                        ("bits per quantized parameter", f"{s['bits_per_quantized_param']:.3f}"),
+                        ("structure", "ok" if not report["structure"]["problems"] else
+                         f"{len(report['structure']['problems'])} problems"),
+                        ("loads cleanly", "no" if report["load_problems"] else "yes")]:
+        table.add_row(name, value)
+    console.print(table)
+    for gate in report["gates"]:
+        console.print(("[green]" if gate["passed"] else "[red]") + gate["message"] + "[/]")
+    console.print(f"report: {run_dir / 'eval.md'}")
 
 
 def _run_dir(recipe_ref: str) -> Path:
@@ -77,15 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("recipe", help="recipe name in recipes/ or a path to a YAML file")
         sub.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's output_dir or runs/<name>")
     quantize.add_argument("--no-reload-check", action="store_true")
+    quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
+    validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
+    validate.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.verb == "quantize" else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose or args.verb != "plan" else logging.WARNING,
                         format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
-        {"plan": cmd_plan, "quantize": cmd_quantize}[args.verb](args)
+        return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate}[args.verb](args) or 0
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {err}", highlight=False)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

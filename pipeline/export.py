@@ -7,11 +7,14 @@ config files. A failed or interrupted run never replaces a good export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
 
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
@@ -103,6 +106,19 @@ def _restore_interrupted_swap(final: Path) -> None:
     for old in sorted(final.parent.glob(f".{final.name}-old-*/{final.name}")):
         old.rename(final)
         return
+
+
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every stored tensor's bytes, so a later check can name exactly what changed."""
+    from safetensors import safe_open
+
+    digests = {}
+    for path in sorted(folder.glob(WEIGHT_GLOB)):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key).contiguous()
+                digests[key] = hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return digests
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:

@@ -55,6 +55,35 @@ class ModelSpec(_Strict):
         return value
 
 
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+)
+
+
+class EvalSpec(_Strict):
+    """Held-out text for validation: never the text calibration uses."""
+
+    source: str = "builtin"  # builtin | a .txt/.jsonl/.parquet file | hf:<dataset id>
+    config: str | None = None  # Hub dataset config
+    split: str = "test"  # Hub dataset split
+    text_field: str = "text"
+    samples: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=256, ge=8)
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = Field(default=24, ge=1)
+
+
+class Gates(_Strict):
+    """Quality a run must reach; a miss fails the run and marks its manifest."""
+
+    kl_mean_max: float | None = Field(default=None, gt=0)
+    kl_p99_max: float | None = Field(default=None, gt=0)
+    top1_min: float | None = Field(default=None, ge=0, le=1)
+    ppl_ratio_max: float | None = Field(default=None, ge=1)
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
@@ -68,6 +97,8 @@ class Recipe(_Strict):
     export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    gates: Gates = Field(default_factory=Gates)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -43,15 +43,10 @@ class ReloadReport(BaseModel):
 
 
 def probe_input_ids(tokenizer) -> torch.Tensor:
-    """Fixed probe text from the stdlib, the same for every run of a model."""
-    from pydoc_data.topics import topics
+    """Fixed probe text from the built-in held-out corpus, the same for every run of a model."""
+    from pipeline.corpus import builtin_texts, token_windows
 
-    text = "\n".join(topics[k] for k in sorted(topics)[:40])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    step = PROBE_TOKENS - len(bos)
-    rows = [bos + ids[i * step:(i + 1) * step] for i in range(PROBE_SEQUENCES)]
-    return torch.tensor(rows)
+    return token_windows(tokenizer, builtin_texts("eval"), PROBE_SEQUENCES, PROBE_TOKENS)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ log = logging.getLogger("pipeline")
 EXPORT = "export"
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
+DIGESTS = "export_digests.json"  # per-tensor sha256 of the export as written
 
 
 class ReloadFailed(RuntimeError):
@@ -84,10 +85,12 @@ def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
     return plan
 
 
-def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None) -> dict:
-    """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest."""
+def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
+                 validate: bool = True) -> dict:
+    """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest
+    → validation (which raises ValidationFailed, export kept and manifest marked, on a miss)."""
     from pipeline import reload as reloading
-    from pipeline.export import folder_bytes, replace_atomically, staging_dir, write_export
+    from pipeline.export import folder_bytes, replace_atomically, staging_dir, tensor_digests, write_export
     from pipeline.quantize import get_backend
 
     recipe_path = resolve_recipe_path(recipe_ref)
@@ -116,6 +119,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         try:
             with timer.stage("export"):
                 copied = write_export(model, backend, source, recipe, plan, staging)
+                digests = tensor_digests(staging)
             del model
             report = None
             if recipe.reload_check if reload_check is None else reload_check:
@@ -124,12 +128,13 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                 if report.problems:
                     raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
             replace_atomically(staging, final)
+            write_json_atomically(run_dir / DIGESTS, digests)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         manifest = {
             "tool": {"name": "gemma-quant", "version": __version__},
-            "status": "ok",
+            "status": "exported",
             "created": started.isoformat(timespec="seconds"),
             "recipe_file": str(recipe_path),
             "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
@@ -146,11 +151,19 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                 "export_weights_bytes": folder_bytes(final, "*.safetensors"),
                 "export_bytes": folder_bytes(final),
             },
-            "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied},
+            "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied, "tensor_digests": DIGESTS},
             "reload": report.model_dump() if report else None,
         }
         write_json_atomically(run_dir / MANIFEST, manifest)
         log.info("export ready: %s", final)
+        if validate:
+            from pipeline.validate import validate_run
+
+            with timer.stage("validate"):
+                validate_run(run_dir)
+            manifest = json.loads((run_dir / MANIFEST).read_text())
+            manifest["timings_s"] = timer.seconds
+            write_json_atomically(run_dir / MANIFEST, manifest)
     return manifest
 
 

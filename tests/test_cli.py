@@ -35,6 +35,7 @@ def test_quantize_reports_where_and_how_close(write_recipe, capsys, tmp_path):
     assert main(["quantize", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"done: {tmp_path / 'runs' / 'cli-quantize'}/export" in out.replace("\n", "")
-    assert "reload check vs unquantized: KL" in out
+    assert "validation: tiny:31b, W8A16 (8×256 held-out tokens)" in out and "top-1 agreement" in out
     manifest = json.loads((tmp_path / "runs" / "cli-quantize" / "manifest.json").read_text())
-    assert manifest["status"] == "ok" and set(manifest["timings_s"]) == {"plan", "load", "quantize", "export", "reload_check"}
+    assert manifest["status"] == "validated"
+    assert set(manifest["timings_s"]) == {"plan", "load", "quantize", "export", "reload_check", "validate"}

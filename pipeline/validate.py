@@ -1,0 +1,403 @@
+"""Validation: the export, reloaded the way users load it, against the unquantized source.
+
+Quality on held-out text (per-token KL, top-1 agreement, perplexity), sizes on disk, greedy
+generations side by side, structural checks on the stored tensors, and the recipe's gates.
+The two models are never resident together: the reference logits are computed first and
+kept on disk, one window at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from pipeline.corpus import load_texts, token_windows
+from pipeline.export import ignore_problems, tensor_digests
+from pipeline.model import Source, load_config, model_class, resolve
+from pipeline.plan import Plan
+from pipeline.recipe import EvalSpec, Gates, Recipe
+from pipeline.run import DIGESTS, EXPORT, MANIFEST, PLAN, library_versions, write_json_atomically
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+class Quality(BaseModel):
+    samples: int
+    seq_len: int
+    tokens: int
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_quantized: float
+    ppl_ratio: float
+
+
+class Sizes(BaseModel):
+    source_weights_bytes: int
+    source_measured: bool  # False: the source's files were not local, the plan's BF16 estimate is used
+    export_weights_bytes: int
+    export_total_bytes: int
+    export_vs_source: float
+    quantized_params: int
+    quantized_bytes: int
+    bits_per_quantized_param: float
+
+
+class Generation(BaseModel):
+    prompt: str
+    reference: str
+    quantized: str
+
+
+class Structure(BaseModel):
+    tensors_checked: int
+    kept_identical: int
+    quantized_stored: int
+    problems: list[str]
+
+
+class GateResult(BaseModel):
+    gate: str
+    limit: float
+    value: float
+    passed: bool
+    message: str
+
+
+class EvalReport(BaseModel):
+    created: str
+    model_id: str
+    scheme: str
+    eval: EvalSpec
+    quality: Quality | None  # None: the export does not load cleanly, so nothing was measured
+    sizes: Sizes
+    generations: list[Generation]
+    structure: Structure
+    gates: list[GateResult]
+    versions: dict[str, str]
+
+    load_problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def failures(self) -> list[str]:
+        return self.load_problems + self.structure.problems + [g.message for g in self.gates if not g.passed]
+
+
+class ValidationFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def _window_logits(model, window: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=window.to(device)).logits.cpu()  # the model's own dtype: stored losslessly
+
+
+class LoadProblems(RuntimeError):
+    """The export does not load cleanly: measuring it would measure random weights."""
+
+
+def load_export(cls, export: Path):
+    model, info = cls.from_pretrained(export, dtype=torch.bfloat16, output_loading_info=True)
+    problems = [f"{len(keys)} {kind.replace('_', ' ')} when transformers loads the export, e.g. {sorted(map(str, keys))[:3]}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))]
+    if problems:
+        raise LoadProblems("; ".join(problems))
+    return model.eval()
+
+
+def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: Path, tokenizer,
+                   prompts: list[str], max_new_tokens: int) -> tuple[Quality, list[Generation]]:
+    """KL(reference || quantized) per token, top-1 agreement, both perplexities and greedy
+    generations. One model resident at a time: the quantized one first (so an export that does
+    not load cleanly fails before any work), its logits kept on disk while the reference runs."""
+    model = quantized_fn()
+    for i, window in enumerate(tqdm(windows.split(1), desc="quantized logits", leave=False)):
+        torch.save(_window_logits(model, window), scratch / f"quantized-{i}.pt")
+    quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
+    del model
+    model = reference_fn()
+    kls, agree, nll_ref, nll_q = [], [], [], []
+    for i, window in enumerate(tqdm(windows.split(1), desc="reference logits", leave=False)):
+        ref = torch.log_softmax(_window_logits(model, window).float(), -1)
+        got = torch.log_softmax(torch.load(scratch / f"quantized-{i}.pt").float(), -1)
+        kls.append((ref.exp() * (ref - got)).sum(-1).flatten())
+        agree.append((ref.argmax(-1) == got.argmax(-1)).flatten())
+        targets = window[:, 1:].unsqueeze(-1)
+        nll_ref.append(-ref[:, :-1].gather(-1, targets).flatten())
+        nll_q.append(-got[:, :-1].gather(-1, targets).flatten())
+    reference_text = greedy(model, tokenizer, prompts, max_new_tokens)
+    del model
+    kl = torch.cat(kls)
+    ppl_ref, ppl_q = torch.cat(nll_ref).mean().exp().item(), torch.cat(nll_q).mean().exp().item()
+    quality = Quality(
+        samples=windows.shape[0], seq_len=windows.shape[1], tokens=kl.numel(),
+        kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
+        top1_agreement=torch.cat(agree).float().mean().item(),
+        ppl_reference=ppl_ref, ppl_quantized=ppl_q, ppl_ratio=ppl_q / ppl_ref,
+    )
+    generations = [Generation(prompt=p, reference=r, quantized=q)
+                   for p, r, q in zip(prompts, reference_text, quantized_text)]
+    return quality, generations
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return outputs
+
+
+# ---------------------------------------------------------------- structure
+
+
+class _Tensors:
+    """The tensors of a safetensors folder, read lazily by key."""
+
+    def __init__(self, folder: Path):
+        self.files = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                self.files.update({key: path for key in f.keys()})
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str],
+                    digests: dict[str, str] | None = None) -> Structure:
+    """Every source tensor outside the quantized modules is stored bit-identically; every quantized
+    module is stored packed (not as a 16-bit weight); nothing else appears; the ignore list fits;
+    no tensor changed since export (when its digests are known)."""
+    src, out = _Tensors(source_dir), _Tensors(export)
+    by_name = {m.name: m for m in plan.modules}
+    quantized = {m.name for m in plan.quantized}
+    problems, identical, stored_packed = [], 0, 0
+
+    def where(name: str) -> str:
+        m = by_name.get(name)
+        return f"{name} ({m.component})" if m else name
+
+    for key in src.files:
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized:
+            continue
+        if key not in out.files:
+            problems.append(f"{where(owner)}: tensor {key} is missing from the export")
+            continue
+        a, b = src.get(key), out.get(key)
+        if a.shape != b.shape or not torch.equal(a.to(b.dtype), b):
+            delta = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float("nan")
+            problems.append(f"{where(owner)}: {key} differs from the source (max |Δ| {delta:.3g})")
+        else:
+            identical += 1
+    for name in sorted(quantized):
+        keys = {k.rpartition(".")[2] for k in out.files if k.rpartition(".")[0] == name}
+        if "weight" in keys or "weight_packed" not in keys or "weight_scale" not in keys:
+            problems.append(f"{where(name)}: planned quantized but stored as {sorted(keys) or 'nothing'}")
+        elif out.get(f"{name}.weight_packed").dtype != torch.int32:
+            problems.append(f"{where(name)}: weight_packed is not int32")
+        else:
+            stored_packed += 1
+    for key in out.files:
+        owner, _, leaf = key.rpartition(".")
+        if key not in src.files and not (owner in quantized and leaf in QUANT_SUFFIXES):
+            problems.append(f"{where(owner)}: unexpected tensor {key} in the export")
+    problems += ignore_problems(ignore, plan)
+    if digests is not None:
+        current = tensor_digests(export)
+        problems += [f"{where(key.rpartition('.')[0])}: tensor {key} changed since the export was written"
+                     for key in sorted(digests) if key in current and current[key] != digests[key]]
+    return Structure(tensors_checked=len(src.files), kept_identical=identical,
+                     quantized_stored=stored_packed, problems=problems)
+
+
+# ---------------------------------------------------------------- sizes and gates
+
+
+def measure_sizes(export: Path, source_dir: Path | None, plan: Plan) -> Sizes:
+    out = _Tensors(export)
+    quantized = {m.name for m in plan.quantized}
+    per_module = defaultdict(int)
+    for key in out.files:
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized and leaf in QUANT_SUFFIXES:
+            tensor = out.get(key)
+            per_module[owner] += tensor.numel() * tensor.element_size()
+    quantized_params = sum(m.params for m in plan.quantized)
+    quantized_bytes = sum(per_module.values())
+    source_bytes = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) if source_dir else 0
+    export_weights = sum(p.stat().st_size for p in export.glob("*.safetensors"))
+    source_measured = source_bytes > 0
+    source_bytes = source_bytes or plan.bf16_bytes
+    return Sizes(
+        source_weights_bytes=source_bytes, source_measured=source_measured,
+        export_weights_bytes=export_weights,
+        export_total_bytes=sum(p.stat().st_size for p in export.iterdir() if p.is_file()),
+        export_vs_source=export_weights / source_bytes,
+        quantized_params=quantized_params, quantized_bytes=quantized_bytes,
+        bits_per_quantized_param=8 * quantized_bytes / quantized_params if quantized_params else 0.0,
+    )
+
+
+_GATES = {  # gate → (metric, direction): max gates fail above the limit, min gates below it
+    "kl_mean_max": ("kl_mean", "max"),
+    "kl_p99_max": ("kl_p99", "max"),
+    "top1_min": ("top1_agreement", "min"),
+    "ppl_ratio_max": ("ppl_ratio", "max"),
+}
+
+
+def check_gates(gates: Gates, quality: Quality) -> list[GateResult]:
+    results = []
+    for gate, limit in gates.model_dump().items():
+        if limit is None:
+            continue
+        metric, direction = _GATES[gate]
+        value = getattr(quality, metric)
+        passed = value <= limit if direction == "max" else value >= limit
+        miss = abs(value - limit)
+        message = (f"gate {gate} {'passed' if passed else 'failed'}: {metric} {value:.5g} "
+                   f"{'<=' if direction == 'max' else '>='} {limit:g} required"
+                   + ("" if passed else f", missed by {miss:.3g} ({miss / limit:.1%})"))
+        results.append(GateResult(gate=gate, limit=limit, value=value, passed=passed, message=message))
+    return results
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def source_weights_dir(source: Source) -> Path | None:
+    """Local folder with the source's safetensors: the model folder, or the Hub cache after download."""
+    if source.path is not None:
+        return source.path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.spec.id, revision=source.spec.revision,
+                                      allow_patterns=["*.safetensors", "*.json"]))
+    except Exception:
+        return None
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    sums = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        sums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return sums
+
+
+def validate_run(run_dir: Path) -> EvalReport:
+    """Validate `run_dir/export`; write eval.json, eval.md and the manifest's verdict.
+    Raises ValidationFailed (after writing everything) when a structural check or gate fails."""
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    recipe = Recipe.model_validate(manifest["recipe"])
+    plan = Plan.load(run_dir / PLAN)
+    export = run_dir / EXPORT
+    source = resolve(recipe.model)
+    config = load_config(source)
+    cls = model_class(config)
+    tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+    spec = recipe.eval
+    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
+    windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
+
+    def reference():
+        return cls.from_pretrained(source.ref, revision=recipe.model.revision, dtype=torch.bfloat16).eval()
+
+    scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
+    quality, generations, load_problems = None, [], []
+    try:
+        quality, generations = compare_models(reference, lambda: load_export(cls, export), windows, scratch,
+                                              tokenizer, spec.prompts, spec.max_new_tokens)
+    except LoadProblems as err:
+        load_problems = [str(err)]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    weights_dir = source_weights_dir(source)
+    ignore = json.loads((export / "config.json").read_text())["quantization_config"].get("ignore", [])
+    digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
+    structure = (check_structure(export, weights_dir, plan, ignore, digests) if weights_dir else
+                 Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
+                           problems=["the source's weights are not available locally to compare with"]))
+    report = EvalReport(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
+        sizes=measure_sizes(export, weights_dir, plan),
+        generations=generations,
+        structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
+        load_problems=load_problems, versions=library_versions(),
+    )
+    write_json_atomically(run_dir / EVAL_JSON, report.model_dump(mode="json") | {"passed": report.passed})
+    (run_dir / EVAL_MD).write_text(render_markdown(report))
+    manifest["status"] = "validated" if report.passed else "failed_validation"
+    manifest["validation"] = {
+        "passed": report.passed, "report": EVAL_JSON, "failures": report.failures,
+        "quality": quality.model_dump() if quality else None, "export_files": file_checksums(export),
+    }
+    write_json_atomically(run_dir / MANIFEST, manifest)
+    if not report.passed:
+        raise ValidationFailed("validation failed: " + "; ".join(report.failures))
+    return report
+
+
+def render_markdown(report: EvalReport) -> str:
+    q, s = report.quality, report.sizes
+    quality_rows = [
+        f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).", "",
+        "| metric | value |", "|---|---|",
+        f"| KL mean (unquantized ‖ quantized) | {q.kl_mean:.5f} |",
+        f"| KL p99 | {q.kl_p99:.5f} |",
+        f"| top-1 agreement | {q.top1_agreement:.4f} |",
+        f"| perplexity, unquantized | {q.ppl_reference:.3f} |",
+        f"| perplexity, quantized | {q.ppl_quantized:.3f} |",
+        f"| perplexity ratio | {q.ppl_ratio:.4f} |",
+    ] if q else [f"Quality not measured: {'; '.join(report.load_problems)}", "", "| metric | value |", "|---|---|"]
+    lines = [
+        f"# Validation: {report.model_id}, {report.scheme}", "",
+        *quality_rows,
+        f"| weights on disk | {s.export_weights_bytes / 1e6:,.1f} MB vs {s.source_weights_bytes / 1e6:,.1f} MB BF16"
+        f"{'' if s.source_measured else ' (estimated)'} ({s.export_vs_source:.1%}) |",
+        f"| bits per quantized parameter | {s.bits_per_quantized_param:.3f} |", "",
+        "## Gates", "",
+        *([f"- {g.message}" for g in report.gates] or ["- none set in the recipe"]), "",
+        "## Structure", "",
+        f"{report.structure.kept_identical} kept tensors bit-identical to the source, "
+        f"{report.structure.quantized_stored} quantized modules stored packed.",
+        *[f"- PROBLEM: {p}" for p in report.structure.problems], "",
+        "## Greedy generations", "",
+    ]
+    for g in report.generations:
+        lines += [f"**{g.prompt}**", "", f"- unquantized: {g.reference!r}", f"- quantized: {g.quantized!r}", ""]
+    return "\n".join(lines)
