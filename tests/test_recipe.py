@@ -19,7 +19,7 @@ def test_required_recipes_ship():
 def test_shipped_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    if not recipe.model.id.startswith("tiny:"):
+    if not recipe.model.id.startswith(("tiny:", "gguf:")):
         assert recipe.model.id.startswith("google/gemma-4-") and recipe.model.id.endswith("-it")
     # Planning needs only the config: the bundled copy when offline, for the real checkpoints.
     _, _, plan = make_plan(recipe, path)
@@ -35,14 +35,16 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("fields, key, fragment", [
-    ({"scheme": "W4A16", "group_sise": 64}, "group_sise", "unknown key; allowed keys here: algorithm, description"),
+    ({"scheme": "W4A16", "group_sise": 64}, "group_sise", "unknown key; allowed keys here: algorithm, autoround, calibration, description"),
     ({"scheme": "W3A16"}, "scheme", "allowed: 'W4A16' or 'W8A16'"),
     ({"scheme": "W4A16", "group_size": 100}, "group_size", "allowed: 32, 64, 128, 256, 512, 1024, or null"),
     ({"scheme": "W4A16", "group_size": "big"}, "group_size", "valid integer"),
     ({"scheme": "W8A16", "export": "gptq"}, "export", "format 'gptq' cannot hold W8A16"),
     ({"scheme": "W4A16", "export": "gptq"}, "export", "'gptq' is not available in this version; available: compressed-tensors"),
     ({"scheme": "W4A16", "export": "gguf"}, "export", "allowed: 'compressed-tensors' or 'gptq'"),
-    ({"scheme": "W4A16", "algorithm": "autoround"}, "algorithm", "'autoround' is not available in this version; available: rtn"),
+    ({"scheme": "W4A16", "algorithm": "awq"}, "algorithm", "allowed: 'rtn', 'autoround' or 'gptq'"),
+    ({"scheme": "W4A16", "autoround": {"iters": 0}}, "autoround.iters", "greater than or equal to 1"),
+    ({"scheme": "W4A16", "calibration": {"sources": []}}, "calibration.sources", "at least 1 item"),
     ({"scheme": "W4A16", "skip": ["re:(unclosed"]}, "skip", "not a valid regular expression"),
     ({"scheme": "W4A16", "model": {"id": "tiny:e9b"}}, "model.id", "allowed: tiny:e2b, tiny:e4b, tiny:31b, tiny:26b-a4b"),
     ({"scheme": "W4A16", "model": {"id": "tiny:e2b", "revison": "main"}}, "model.revison", "allowed keys here: id, revision, seed"),

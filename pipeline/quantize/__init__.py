@@ -6,17 +6,27 @@ modules and nothing else), and saves it in the recipe's export format.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import torch
 
 from pipeline.plan import Plan
 from pipeline.recipe import Recipe
 
 
+@dataclass(frozen=True)
+class CalibrationData:
+    tokens: torch.Tensor  # [samples, seq_len]
+    sha256: str
+    work_dir: Path  # where a calibrated pass keeps its per-block checkpoints
+
+
 class Backend(Protocol):
     name: str
 
-    def quantize(self, model, plan: Plan, recipe: Recipe) -> None: ...
+    def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None: ...
 
     def save(self, model, folder: Path, recipe: Recipe) -> None: ...
 
@@ -28,6 +38,10 @@ def get_backend(recipe: Recipe) -> Backend:
         from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
 
         return LLMCompressorBackend()
+    if recipe.backend == "blockwise":
+        from pipeline.quantize.blockwise_backend import BlockwiseBackend
+
+        return BlockwiseBackend(recipe.algorithm)
     raise ValueError(f"no backend {recipe.backend!r}")
 
 

