@@ -4,7 +4,7 @@ PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
 
-.PHONY: setup plan quantize test clean
+.PHONY: setup plan quantize card publish test clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,15 @@ plan: setup
 
 quantize: setup
 	$(BIN)/gemma-quant quantize $(RECIPE)
+
+card: setup
+	$(BIN)/gemma-quant card $(RECIPE)
+
+# make publish RECIPE=e2b-w4a16 [REPO_ID=me/gemma-4-E2B-it-W4A16] [PRIVATE=1] [REVISION=branch] [DRY_RUN=1] [FORCE=1]
+# publishes the recipe's run directory (runs/<name>); the token comes from HF_TOKEN or `hf auth login`.
+publish: setup
+	$(BIN)/gemma-quant publish $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(filter 1,$(PRIVATE)),--private) \
+		$(if $(REVISION),--revision $(REVISION)) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FORCE)),--force)
 
 test: setup
 	$(BIN)/python -m pytest -q

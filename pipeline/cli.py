@@ -56,7 +56,7 @@ def cmd_quantize(args) -> int:
     run_dir = args.run_dir or _run_dir(args.recipe)
     try:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
-                                validate=not args.no_validate)
+                                validate=not args.no_validate, card=not args.no_card)
     except ValidationFailed as err:
         show_eval(run_dir)
         console.print(f"[bold red]{err}[/]\nthe export is kept in {run_dir / 'export'}; its manifest marks it as failing")
@@ -75,10 +75,62 @@ def cmd_validate(args) -> int:
     try:
         validate_run(args.run_dir)
     except ValidationFailed as err:
+        _refresh_card(args.run_dir)
         show_eval(args.run_dir)
         console.print(f"[bold red]{err}[/]")
         return 1
+    _refresh_card(args.run_dir)
     show_eval(args.run_dir)
+    return 0
+
+
+def _refresh_card(run_dir: Path) -> None:
+    """A card that quotes the previous validation would no longer tell the truth."""
+    from pipeline.card import CARD, write_card
+
+    if (run_dir / "export" / CARD).is_file():
+        write_card(run_dir)
+
+
+def _run_dir_arg(ref: str) -> Path:
+    """RUN is a run directory, or a recipe whose run directory is meant (as `make` passes it)."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    try:
+        return _run_dir(ref)
+    except RecipeError:
+        raise RecipeError(ref, "run", "neither a run directory nor a recipe name or file") from None
+
+
+def cmd_card(args) -> int:
+    from huggingface_hub import ModelCard
+
+    from pipeline.card import write_card
+
+    run_dir = _run_dir_arg(args.run)
+    if not (run_dir / "manifest.json").is_file():
+        console.print(f"[bold red]no run in {run_dir}[/] (no manifest.json): quantize the recipe first", highlight=False)
+        return 1
+    path = write_card(run_dir, args.repo_id)
+    console.print(f"{path} front matter:\n{ModelCard.load(path).data.to_yaml()}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from rich.markup import escape
+
+    from pipeline.publish import PublishError, describe, prepare, publish
+
+    try:
+        plan = prepare(_run_dir_arg(args.run), args.repo_id, args.private, args.revision)
+        if args.dry_run:
+            console.print(describe(plan, args.force), markup=False, highlight=False)
+            return 0 if args.force or not plan.problems else 1
+        publish(plan, force=args.force, echo=lambda line: console.print(line, markup=False, highlight=False))
+    except PublishError as err:
+        console.print(f"[bold red]publish failed[/]: {escape(str(err))}", highlight=False)
+        return 1
     return 0
 
 
@@ -125,13 +177,26 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's output_dir or runs/<name>")
     quantize.add_argument("--no-reload-check", action="store_true")
     quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
+    quantize.add_argument("--no-card", action="store_true", help="do not write the model card (export/README.md)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
+    card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
+    publish = verbs.add_parser("publish", help="push a validated export to the Hugging Face Hub in one commit")
+    for sub in (card, publish):
+        sub.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+        sub.add_argument("--repo-id", default=None, help="OWNER/NAME; default: the recipe's hub.repo_id")
+    publish.add_argument("--private", action="store_true", default=None,
+                         help="create the repo private (default: the recipe's hub.private)")
+    publish.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
+    publish.add_argument("--force", action="store_true",
+                         help="publish even if the run failed or skipped validation, is incomplete, or changed since")
+    publish.add_argument("--dry-run", action="store_true", help="show what would be pushed; touch no network")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.verb != "plan" else logging.WARNING,
                         format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
-        return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate}[args.verb](args) or 0
+        return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate, "card": cmd_card,
+                "publish": cmd_publish}[args.verb](args) or 0
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {err}", highlight=False)
         return 2

@@ -121,6 +121,31 @@ class GPTQOptions(_Strict):
     actorder: Literal["static", "group", "weight"] | None = None
 
 
+class HubSpec(_Strict):
+    """Where `gemma-quant publish` puts the export, and card metadata that only the publisher knows.
+    license/language are used only where the source model's own card declares none."""
+
+    repo_id: str | None = None
+    private: bool = False
+    license: str | None = None
+    language: list[str] | None = None
+    base_model: str | None = None  # for a local or tiny source: the Hub id it holds, if any
+
+    @field_validator("repo_id", "base_model")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            raise ValueError(f"got {value!r}; expected OWNER/NAME, e.g. my-org/gemma-4-E2B-it-W4A16")
+        return value
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _one_language(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
@@ -139,6 +164,7 @@ class Recipe(_Strict):
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     gates: Gates = Field(default_factory=Gates)
+    hub: HubSpec = Field(default_factory=HubSpec)
 
     @field_validator("model", mode="before")
     @classmethod

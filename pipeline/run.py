@@ -86,9 +86,10 @@ def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
 
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
-                 validate: bool = True) -> dict:
+                 validate: bool = True, card: bool = True) -> dict:
     """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest
-    → validation (which raises ValidationFailed, export kept and manifest marked, on a miss)."""
+    → validation (which raises ValidationFailed, export kept and manifest marked, on a miss) → model card
+    (written on a miss too, so the card says the checkpoint failed)."""
     from pipeline import reload as reloading
     from pipeline.export import folder_bytes, replace_atomically, staging_dir, tensor_digests, write_export
     from pipeline.quantize import get_backend
@@ -170,12 +171,32 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         if validate:
             from pipeline.validate import validate_run
 
-            with timer.stage("validate"):
+            with timer.stage("validate"), _card_after_failure(run_dir, card):
                 validate_run(run_dir)
             manifest = json.loads((run_dir / MANIFEST).read_text())
             manifest["timings_s"] = timer.seconds
             write_json_atomically(run_dir / MANIFEST, manifest)
+        if card:
+            from pipeline.card import write_card
+
+            write_card(run_dir)
+            manifest = json.loads((run_dir / MANIFEST).read_text())
     return manifest
+
+
+@contextmanager
+def _card_after_failure(run_dir: Path, card: bool):
+    """A run that fails validation still gets its card, which says so."""
+    from pipeline.validate import ValidationFailed
+
+    try:
+        yield
+    except ValidationFailed:
+        if card:
+            from pipeline.card import write_card
+
+            write_card(run_dir)
+        raise
 
 
 @contextmanager

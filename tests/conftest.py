@@ -29,3 +29,23 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def validated_run(tmp_path_factory):
+    """One tiny E2B W4A16 run, quantized, validated and given its card; tests that change it copy it."""
+    from pipeline.run import quantize_run
+
+    root = tmp_path_factory.mktemp("validated")
+    recipe = root / "tiny-card.yaml"
+    recipe.write_text(f"# a tiny run for the card and publish tests\nmodel: tiny:e2b\nscheme: W4A16\n"
+                      f"output_dir: {root / 'run'}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 4}}\n")
+    quantize_run(recipe)
+    return root / "run"
+
+
+@pytest.fixture
+def validated_copy(validated_run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(validated_run, tmp_path / "run"))

@@ -1,0 +1,401 @@
+"""The model card: `export/README.md`, written from what the run recorded and measured.
+
+Every fact on the card comes from the run directory: manifest.json (recipe, source, versions),
+plan.json (what was quantized, what was kept and why), eval.json (measured quality) and the
+export's config.json. Nothing is guessed: a number the run did not measure is said to be not
+measured, and a license nobody declared is left out and said to be unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from pydantic import BaseModel
+
+from pipeline.plan import WHY_KEPT, Plan
+from pipeline.recipe import RECIPES_DIR, Recipe
+from pipeline.run import EXPORT, MANIFEST, PLAN, write_json_atomically
+
+log = logging.getLogger(__name__)
+
+CARD = "README.md"
+MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATE = "README.md.j2"
+
+ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ"}
+CALIBRATION = {"rtn": "none (RTN is data-free)"}
+
+
+def calibration_text(manifest: dict, recipe: Recipe) -> str:
+    """What the calibrated pass saw, from the manifest; and the algorithm's settings."""
+    data = manifest.get("calibration")
+    if not data:
+        return CALIBRATION.get(recipe.algorithm, "none recorded in the manifest")
+    sources = ", ".join(f"{name} ({count})" for name, count in data["per_source"].items())
+    settings = (f"{recipe.autoround.iters} iterations, batch {recipe.autoround.batch_size}"
+                if recipe.algorithm == "autoround" else
+                f"block {recipe.gptq.block_size}, dampening {recipe.gptq.dampening}, actorder {recipe.gptq.actorder}")
+    return (f"{data['samples']} × {data['seq_len']} tokens from {sources} (sha256 {data['sha256'][:12]}); "
+            f"{settings}; every decoder block calibrated on its own PLE slice, rotary embedding and same-batch shared K/V")
+# vLLM and SGLang reserve KV cache for the whole context length; the configs allow 128K-256K, which
+# rarely fits beside the weights on one GPU. The snippets start here; the card says how far it goes.
+SUGGESTED_CONTEXT = 8192
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+class SourceFacts(BaseModel):
+    kind: Literal["hub", "local", "tiny"]
+    id: str
+    revision: str | None
+    name: str  # what the title calls it
+    shape: str | None = None  # a tiny model: the real variant whose architecture it shrinks
+    base_model: str | None  # the Hub id for the metadata; None rather than a guess
+
+
+class Architecture(BaseModel):
+    layers: int
+    sliding: int
+    full: int
+    sliding_window: int | None
+    kv_shared_layers: int
+    experts: int | None
+    experts_per_token: int | None
+    ple: bool
+    vision: bool
+    audio: bool
+    max_positions: int
+    total_params: int
+    ple_params: int
+
+    @property
+    def multimodal(self) -> bool:
+        return self.vision or self.audio
+
+
+class KeptGroup(BaseModel):
+    label: str
+    modules: int
+    params: int
+    tied: bool
+    why: str
+
+
+class LicenseFacts(BaseModel):
+    metadata: dict[str, str]  # license (and license_name/link) for the front matter; empty when unknown
+    origin: str  # where it came from, or why it is unknown
+    language: list[str] | None
+
+
+class Measured(BaseModel):
+    """eval.json, as far as the card uses it."""
+
+    eval: dict
+    quality: dict | None
+    sizes: dict
+    gates: list[dict]
+    structure: dict
+    load_problems: list[str]
+    passed: bool
+
+
+class CardFacts(BaseModel):
+    title: str
+    source: SourceFacts
+    arch: Architecture
+    recipe: Recipe
+    quant_format: str
+    calibration: str
+    versions: dict[str, str]
+    linears: int
+    quantized_modules: int
+    quantized_params: int
+    kept: list[KeptGroup]
+    other_params: int
+    status: Literal["passed", "failed", "not validated"]
+    failures: list[str]
+    measured: Measured | None
+    not_measured: str | None  # why the quality section has no numbers
+    eval_text: str | None
+    weights_bytes: int
+    source_bytes: int
+    source_measured: bool
+    bits_per_param: float | None
+    ref: str  # what users pass to vllm / from_pretrained: the Hub repo, else the export folder
+    model_class: str
+    preprocessor: Literal["AutoProcessor", "AutoTokenizer"]
+    context: int
+    recipe_yaml: str
+    recipe_verbatim: bool
+    command: str
+    license: LicenseFacts
+    limitations: list[str]
+
+
+# ---------------------------------------------------------------- facts
+
+
+def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
+    """Everything the card says, from the run directory alone (plus the source's card, for its license)."""
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    recipe = Recipe.model_validate(manifest["recipe"])
+    plan = Plan.load(run_dir / PLAN)
+    export = run_dir / EXPORT
+    config = json.loads((export / "config.json").read_text())
+    source = source_facts(manifest, recipe)
+    arch = architecture(config, plan)
+    measured, not_measured = measurements(run_dir, manifest)
+    validation = manifest.get("validation")
+    status = "not validated" if not validation else "passed" if validation["passed"] else "failed"
+    sizes = measured.sizes if measured else None
+    quantized_params = sum(m.params for m in plan.quantized)
+    recipe_yaml, verbatim = recipe_text(manifest)
+    kept = kept_groups(plan)
+    facts = CardFacts(
+        title=f"{source.name}: {recipe.scheme} ({recipe.algorithm.upper()}, {recipe.export})",
+        source=source, arch=arch, recipe=recipe,
+        quant_format=config.get("quantization_config", {}).get("format", recipe.export),
+        calibration=calibration_text(manifest, recipe),
+        versions=manifest["versions"],
+        linears=plan.counts()["linear"], quantized_modules=len(plan.quantized), quantized_params=quantized_params,
+        kept=kept, other_params=plan.other_params,
+        status=status, failures=validation["failures"] if validation else [],
+        measured=measured, not_measured=not_measured, eval_text=eval_text(measured.eval) if measured else None,
+        weights_bytes=sizes["export_weights_bytes"] if sizes else manifest["sizes"]["export_weights_bytes"],
+        source_bytes=sizes["source_weights_bytes"] if sizes else manifest["sizes"]["source_bf16_bytes_estimate"],
+        source_measured=bool(sizes and sizes["source_measured"]),
+        bits_per_param=sizes["bits_per_quantized_param"] if sizes else None,
+        ref=repo_id or str(export),
+        model_class="AutoModelForImageTextToText" if arch.multimodal else "AutoModelForCausalLM",
+        preprocessor="AutoProcessor" if any((export / f).is_file() for f in PROCESSOR_FILES) else "AutoTokenizer",
+        context=min(arch.max_positions, SUGGESTED_CONTEXT),
+        recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
+        license=license_facts(manifest, recipe, source),
+        limitations=[],
+    )
+    facts.limitations = limitations(facts, plan)
+    return facts
+
+
+def source_facts(manifest: dict, recipe: Recipe) -> SourceFacts:
+    spec = recipe.model
+    if spec.id.startswith("tiny:"):
+        from pipeline.tiny import VARIANTS
+
+        shape = VARIANTS[spec.id.removeprefix("tiny:")]
+        return SourceFacts(kind="tiny", id=spec.id, revision=None, base_model=recipe.hub.base_model,
+                           name=f"Tiny random {shape} (seed {spec.seed})", shape=shape)
+    if manifest["source"]["path"]:  # a local folder: its name is not a Hub id, whatever it looks like
+        return SourceFacts(kind="local", id=spec.id, revision=None, base_model=recipe.hub.base_model,
+                           name=recipe.hub.base_model.split("/")[-1] if recipe.hub.base_model else Path(spec.id).name)
+    return SourceFacts(kind="hub", id=spec.id, revision=spec.revision, base_model=recipe.hub.base_model or spec.id,
+                       name=spec.id.split("/")[-1])
+
+
+def architecture(config: dict, plan: Plan) -> Architecture:
+    text = config.get("text_config") or config
+    types = text.get("layer_types") or []
+    moe = bool(text.get("enable_moe_block"))
+    return Architecture(
+        layers=text["num_hidden_layers"],
+        sliding=types.count("sliding_attention"), full=types.count("full_attention"),
+        sliding_window=text.get("sliding_window"), kv_shared_layers=text.get("num_kv_shared_layers") or 0,
+        experts=text.get("num_experts") if moe else None, experts_per_token=text.get("top_k_experts") if moe else None,
+        ple=bool(text.get("hidden_size_per_layer_input")),
+        vision=bool(config.get("vision_config")), audio=bool(config.get("audio_config")),
+        max_positions=text["max_position_embeddings"],
+        total_params=plan.total_params,
+        ple_params=sum(m.params for m in plan.modules if m.component == "ple" and not m.tied_to),
+    )
+
+
+def kept_groups(plan: Plan) -> list[KeptGroup]:
+    """What stays BF16, grouped by why (the plan's reason label), largest first."""
+    groups: dict[str, dict] = defaultdict(lambda: {"modules": 0, "params": 0, "tied": False})
+    for m in plan.modules:
+        if m.quantize:
+            continue
+        label = m.reason.split(":")[0].split(" (")[0]
+        group = groups[label]
+        group["modules"] += 1
+        group["params"] += 0 if m.tied_to else m.params
+        group["tied"] |= m.tied_to is not None
+    return sorted((KeptGroup(label=label, why=WHY_KEPT.get(label, ""), **g) for label, g in groups.items()),
+                  key=lambda g: -g.params)
+
+
+def measurements(run_dir: Path, manifest: dict) -> tuple[Measured | None, str | None]:
+    """The validation report, or why there is none. eval.json counts only when the manifest says this
+    export was validated: a report left over from an earlier export in the same run folder does not."""
+    if not manifest.get("validation"):
+        return None, ("this checkpoint was not validated (quantized with `--no-validate`, or validation did not "
+                      "finish), so its quality was not measured")
+    path = run_dir / manifest["validation"]["report"]
+    if not path.is_file():
+        return None, f"the validation report ({path.name}) is missing from the run, so no numbers can be quoted"
+    measured = Measured.model_validate(json.loads(path.read_text()))
+    if measured.quality is None:
+        return measured, "the export did not load cleanly in transformers: " + "; ".join(measured.load_problems)
+    return measured, None
+
+
+def eval_text(spec: dict) -> str:
+    source = spec["source"]
+    if source == "builtin":
+        return "gemma-quant's built-in held-out text (Python reference documentation; never used for calibration)"
+    if source.startswith("hf:"):
+        dataset = source.removeprefix("hf:")
+        detail = ", ".join(x for x in (spec.get("config"), spec.get("split")) if x)
+        return f"[{dataset}](https://huggingface.co/datasets/{dataset}) ({detail})"
+    return f"a local file, `{Path(source).name}`"
+
+
+def recipe_text(manifest: dict) -> tuple[str, bool]:
+    """The recipe file as written (comments included) when it is still the one the run used,
+    else the resolved recipe from the manifest."""
+    path = Path(manifest["recipe_file"])
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == manifest["recipe_sha256"]:
+        return path.read_text().rstrip("\n"), True
+    return yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip("\n"), False
+
+
+def quantize_command(manifest: dict, recipe: Recipe) -> str:
+    path = Path(manifest["recipe_file"])
+    shipped = path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
+    return f"gemma-quant quantize {recipe.name if shipped else recipe.name + '.yaml'}"
+
+
+def source_card_metadata(manifest: dict, source: SourceFacts) -> tuple[dict, str]:
+    """The source model's own card metadata, and what to call that card ('' when there is none)."""
+    if source.kind == "tiny":
+        return {}, ""
+    try:
+        if source.kind == "local":
+            path = Path(manifest["source"]["path"]) / CARD
+            if not path.is_file():
+                return {}, ""
+        else:
+            from huggingface_hub import hf_hub_download
+
+            # The Hub cache answers offline when the card was downloaded before.
+            path = Path(hf_hub_download(source.id, CARD, revision=source.revision))
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict(), f"the card of {source.id}"
+    except Exception as err:  # offline, gated, or no card: the license stays unknown, never guessed
+        log.warning("could not read the model card of %s (%s): the card's license falls back to the recipe",
+                    source.id, type(err).__name__)
+        return {}, ""
+
+
+def license_facts(manifest: dict, recipe: Recipe, source: SourceFacts) -> LicenseFacts:
+    data, where = source_card_metadata(manifest, source)
+    language = data.get("language") or recipe.hub.language
+    language = [language] if isinstance(language, str) else language
+    if data.get("license"):
+        return LicenseFacts(metadata={k: str(data[k]) for k in LICENSE_KEYS if data.get(k)},
+                            origin=f"copied from {where}", language=language)
+    if recipe.hub.license:
+        why = f"{where} declares none" if where else "the source has no model card to copy it from"
+        return LicenseFacts(metadata={"license": recipe.hub.license},
+                            origin=f"set by the recipe (`hub.license`); {why}", language=language)
+    why = f"{where} declares none" if where else {
+        "tiny": "a tiny random model has no model card",
+        "local": "the source folder has no README.md model card",
+        "hub": f"the card of {source.id} could not be read (offline?)",
+    }[source.kind]
+    return LicenseFacts(metadata={}, origin=f"unknown: {why}, and the recipe sets no `hub.license`", language=language)
+
+
+def limitations(facts: CardFacts, plan: Plan) -> list[str]:
+    notes = []
+    if facts.source.kind == "tiny":
+        notes.append("Random weights: this is a tiny model built by gemma-quant to test the toolchain. "
+                     "Its outputs are meaningless; use it for tests only.")
+    experts = [m for m in plan.modules if m.component == "moe_experts" and not m.quantize]
+    if experts:
+        params = sum(m.params for m in experts)
+        notes.append(f"The fused MoE experts ({len(experts)} blocks, {_params(params)} parameters, "
+                     f"{params / facts.arch.total_params:.0%} of the model) are stored in BF16: RTN through "
+                     "llmcompressor cannot quantize fused 3-D expert weights in a layout transformers loads, "
+                     "so this checkpoint is much larger than a fully 4-bit one.")
+    shape = next((g for g in facts.kept if g.label == "shape"), None)
+    if shape:
+        notes.append(f"{shape.modules} decoder linear layers stay BF16 because the scheme cannot take their input "
+                     f"width (group size {facts.recipe.group_size}).")
+    if facts.arch.multimodal and facts.preprocessor == "AutoTokenizer":
+        notes.append("No processor files: the source folder had none, so image and audio inputs need a Gemma 4 "
+                     "processor from elsewhere; text works with the tokenizer.")
+    if facts.status == "failed":
+        notes.append("This checkpoint FAILED its validation (see Quality); it is published as is.")
+    elif facts.not_measured:
+        notes.append("Quality not measured: " + facts.not_measured + ".")
+    else:
+        notes.append(f"Quality was measured against the unquantized model on {facts.measured.quality['tokens']:,} "
+                     "tokens of held-out text only; no task benchmarks were run.")
+    return notes
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def metadata(facts: CardFacts) -> ModelCardData:
+    recipe = facts.recipe
+    tags = ["gemma4", "quantized", recipe.scheme.lower(), f"int{recipe.bits}", recipe.export,
+            recipe.algorithm, "vllm", "gemma-quant"]
+    base = facts.source.base_model
+    base = {"base_model": base, "base_model_relation": "quantized"} if base else {}
+    return ModelCardData(
+        **base, **facts.license.metadata, language=facts.license.language, library_name="transformers",
+        pipeline_tag="image-text-to-text" if facts.arch.multimodal else "text-generation", tags=tags,
+    )
+
+
+def _params(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(MODEL_CARDS_DIR), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(params=_params, bytes=_bytes, thousands=lambda n: f"{n:,}")
+    return env
+
+
+def render_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
+    facts = gather(run_dir, repo_id)
+    body = _environment().get_template(TEMPLATE).render(f=facts, algorithms=ALGORITHMS)
+    return ModelCard(f"---\n{metadata(facts).to_yaml()}\n---\n\n{body}")
+
+
+def write_card(run_dir: Path, repo_id: str | None = None) -> Path:
+    """Write export/README.md and record its checksum in the manifest, so `publish` can tell
+    the card gemma-quant wrote from one edited since. The usage snippets name `repo_id`, else the
+    repo the card was last written for, else the recipe's hub.repo_id, else the export folder."""
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    repo_id = repo_id or (manifest.get("card") or {}).get("repo_id") or manifest["recipe"].get("hub", {}).get("repo_id")
+    text = str(render_card(run_dir, repo_id))
+    path = run_dir / EXPORT / CARD
+    path.write_text(text)
+    manifest["card"] = {"file": f"{EXPORT}/{CARD}", "repo_id": repo_id, "bytes": path.stat().st_size,
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomically(run_dir / MANIFEST, manifest)
+    log.info("model card written: %s", path)
+    return path
