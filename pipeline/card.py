@@ -160,7 +160,7 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
     recipe_yaml, verbatim = recipe_text(manifest)
     kept = kept_groups(plan)
     facts = CardFacts(
-        title=f"{source.name}: {recipe.scheme} ({recipe.algorithm.upper()}, {recipe.export})",
+        title=f"{source.name}: {recipe.scheme} ({ALGORITHMS[recipe.algorithm].split(' (')[0]}, {recipe.export})",
         source=source, arch=arch, recipe=recipe,
         quant_format=config.get("quantization_config", {}).get("format", recipe.export),
         calibration=calibration_text(manifest, recipe),

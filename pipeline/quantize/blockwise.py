@@ -37,15 +37,18 @@ from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-PASSED_THROUGH = ("position_embeddings", "attention_mask", "position_ids")
+# Replayed per chain instead of as recorded: the shared-KV store, and the cache (none: use_cache=False).
+PER_CHAIN = ("shared_kv_states", "past_key_values")
 
 
 @dataclass
 class LayerInputs:
-    """What the model passes one decoder layer for one batch, besides hidden states and shared KV."""
+    """What the model passes one decoder layer for one batch, besides hidden states and shared KV:
+    for Gemma 4 the layer's PLE slice (positional), its rotary embedding, mask and positions."""
 
-    per_layer_input: torch.Tensor | None
+    args: tuple
     kwargs: dict
+    shares_kv: bool  # the model hands this layer a shared-KV store (Gemma 4's E-models)
 
 
 @dataclass
@@ -92,8 +95,9 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     def hook(index):
         def record(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            per_layer = args[1] if len(args) > 1 else kwargs.get("per_layer_input")
-            inputs[index].append(LayerInputs(per_layer, {k: kwargs[k] for k in PASSED_THROUGH if k in kwargs}))
+            inputs[index].append(LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items()
+                                                               if k not in PER_CHAIN and k != "hidden_states"},
+                                             "shared_kv_states" in kwargs))
             if index == 0:
                 first_hidden.append(hidden)
             if index == last:
@@ -127,7 +131,8 @@ def _cast(value, dtype: torch.dtype):
 
 
 def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> torch.Tensor:
-    out = layer(hidden, recorded.per_layer_input, shared_kv_states=kv_store, **recorded.kwargs)
+    shared = {"shared_kv_states": kv_store} if recorded.shares_kv else {}
+    out = layer(hidden, *recorded.args, **recorded.kwargs, **shared)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -172,7 +177,7 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     lr = options.lr or 1.0 / options.iters
     dtype = next(layer.parameters()).dtype
     layer.float()  # tuning runs in float32; the block returns to its dtype once quantized
-    inputs = [LayerInputs(_cast(r.per_layer_input, torch.float32), _cast(r.kwargs, torch.float32))
+    inputs = [LayerInputs(_cast(r.args, torch.float32), _cast(r.kwargs, torch.float32), r.shares_kv)
               for r in cal.inputs[index]]
     wrapped = {}
     for name, module in layer.named_modules():
