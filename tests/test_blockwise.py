@@ -143,3 +143,25 @@ def test_calibrated_export_reloads_and_validates(algorithm, tmp_path):
     assert again["calibration"]["cached"] and again["calibration"]["sha256"] == manifest["calibration"]["sha256"]
     assert again["quantize_report"]["block_errors"] == errors
 
+
+
+def test_block_driver_replays_a_model_without_ple_like_a_plain_forward():
+    """Gemma 3 (the real 270M) has no per-layer input: its decoder layers take position_embeddings
+    second, so the driver must not pass an absent PLE slice positionally."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(config).eval()
+    tokens = torch.randint(0, 128, (2, 16))
+    _, layers = blockwise.decoder_layers(model)
+    cal = blockwise.record_inputs(model, layers, list(tokens.split(1)))
+    assert all(r.per_layer_input is None for r in cal.inputs[0])
+    for index, layer in enumerate(layers):
+        blockwise.advance(layer, index, cal, "fp")
+    with torch.no_grad():
+        for b, batch in enumerate(tokens.split(1)):
+            final = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            assert torch.allclose(model.model.norm(cal.fp_hidden[b]), final, atol=1e-5)

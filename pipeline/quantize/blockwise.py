@@ -127,7 +127,9 @@ def _cast(value, dtype: torch.dtype):
 
 
 def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> torch.Tensor:
-    out = layer(hidden, recorded.per_layer_input, shared_kv_states=kv_store, **recorded.kwargs)
+    # Positionally only when there is one: a layer without PLE (Gemma 3) takes position_embeddings second.
+    args = (hidden,) if recorded.per_layer_input is None else (hidden, recorded.per_layer_input)
+    out = layer(*args, shared_kv_states=kv_store, **recorded.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
