@@ -4,7 +4,7 @@ PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
 
-.PHONY: setup plan quantize card publish test clean
+.PHONY: setup plan quantize card publish test notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ publish: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# JupyterLab on notebooks/, in the project environment: the `notebooks` extra (JupyterLab is not
+# in `dev`) installed into .venv once, against the same constraints as the tested set.
+notebooks: $(VENV)/.notebooks
+	$(BIN)/jupyter lab notebooks/
+
+$(VENV)/.notebooks: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,notebooks]"
+	touch $@
 
 clean:
 	rm -rf runs
