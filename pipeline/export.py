@@ -116,9 +116,12 @@ def tensor_digests(folder: Path) -> dict[str, str]:
     for path in sorted(folder.glob(WEIGHT_GLOB)):
         with safe_open(path, "pt") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key).contiguous()
-                digests[key] = hashlib.sha256(tensor.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                digests[key] = tensor_digest(f.get_tensor(key))
     return digests
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:

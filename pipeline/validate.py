@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections import defaultdict
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pipeline.corpus import load_texts, token_windows
-from pipeline.export import ignore_problems, tensor_digests
+from pipeline.export import ignore_problems, tensor_digest
 from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
@@ -188,6 +189,16 @@ class _Tensors:
         with safe_open(self.files[key], "pt") as f:
             return f.get_tensor(key)
 
+    def nbytes(self, key: str) -> int:
+        """Stored size from the header, without reading the tensor."""
+        with safe_open(self.files[key], "pt") as f:
+            view = f.get_slice(key)
+            return math.prod(view.get_shape()) * _DTYPE_BYTES[view.get_dtype()]
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
 
 def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str],
                     digests: dict[str, str] | None = None) -> Structure:
@@ -203,36 +214,36 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
         m = by_name.get(name)
         return f"{name} ({m.component})" if m else name
 
-    for key in src.files:
+    packed_dtypes = {}
+    # One pass over the export, each tensor read once: changed since export, identical to the source.
+    for key in out.files:
         owner, _, leaf = key.rpartition(".")
-        if owner in quantized:
-            continue
-        if key not in out.files:
-            problems.append(f"{where(owner)}: tensor {key} is missing from the export")
-            continue
-        a, b = src.get(key), out.get(key)
-        if a.shape != b.shape or not torch.equal(a.to(b.dtype), b):
-            delta = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float("nan")
-            problems.append(f"{where(owner)}: {key} differs from the source (max |Δ| {delta:.3g})")
-        else:
-            identical += 1
+        stored = out.get(key)
+        if digests is not None and key in digests and tensor_digest(stored) != digests[key]:
+            problems.append(f"{where(owner)}: tensor {key} changed since the export was written")
+        if owner in quantized and leaf in QUANT_SUFFIXES:
+            packed_dtypes[owner] = stored.dtype if leaf == "weight_packed" else packed_dtypes.get(owner)
+        elif key not in src.files:
+            problems.append(f"{where(owner)}: unexpected tensor {key} in the export")
+        elif owner not in quantized:
+            source = src.get(key)
+            if source.shape != stored.shape or not torch.equal(source.to(stored.dtype), stored):
+                delta = ((source.float() - stored.float()).abs().max().item() if source.shape == stored.shape
+                         else float("nan"))
+                problems.append(f"{where(owner)}: {key} differs from the source (max |Δ| {delta:.3g})")
+            else:
+                identical += 1
+    problems += [f"{where(key.rpartition('.')[0])}: tensor {key} is missing from the export"
+                 for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized]
     for name in sorted(quantized):
         keys = {k.rpartition(".")[2] for k in out.files if k.rpartition(".")[0] == name}
         if "weight" in keys or "weight_packed" not in keys or "weight_scale" not in keys:
             problems.append(f"{where(name)}: planned quantized but stored as {sorted(keys) or 'nothing'}")
-        elif out.get(f"{name}.weight_packed").dtype != torch.int32:
+        elif packed_dtypes[name] != torch.int32:
             problems.append(f"{where(name)}: weight_packed is not int32")
         else:
             stored_packed += 1
-    for key in out.files:
-        owner, _, leaf = key.rpartition(".")
-        if key not in src.files and not (owner in quantized and leaf in QUANT_SUFFIXES):
-            problems.append(f"{where(owner)}: unexpected tensor {key} in the export")
     problems += ignore_problems(ignore, plan)
-    if digests is not None:
-        current = tensor_digests(export)
-        problems += [f"{where(key.rpartition('.')[0])}: tensor {key} changed since the export was written"
-                     for key in sorted(digests) if key in current and current[key] != digests[key]]
     return Structure(tensors_checked=len(src.files), kept_identical=identical,
                      quantized_stored=stored_packed, problems=problems)
 
@@ -247,8 +258,7 @@ def measure_sizes(export: Path, source_dir: Path | None, plan: Plan) -> Sizes:
     for key in out.files:
         owner, _, leaf = key.rpartition(".")
         if owner in quantized and leaf in QUANT_SUFFIXES:
-            tensor = out.get(key)
-            per_module[owner] += tensor.numel() * tensor.element_size()
+            per_module[owner] += out.nbytes(key)
     quantized_params = sum(m.params for m in plan.quantized)
     quantized_bytes = sum(per_module.values())
     source_bytes = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) if source_dir else 0
