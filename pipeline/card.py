@@ -32,6 +32,28 @@ TEMPLATE = "README.md.j2"
 
 ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ"}
 CALIBRATION = {"rtn": "none (RTN is data-free)"}
+# How each export format is described and loaded.
+FORMATS = {
+    "compressed-tensors": {
+        "stored_in": "stored in the compressed-tensors format that vLLM, SGLang and transformers load directly",
+        "scale": "BF16", "needs": "Needs `pip install compressed-tensors` beside transformers.",
+        "import": "", "load_args": "",
+    },
+    "gptq": {
+        "stored_in": "stored in the GPTQ layout (AutoGPTQ / GPTQModel: int32 `qweight`/`qzeros`, FP16 `scales`, "
+                     "`desc_act: false`) that vLLM and SGLang serve with their GPTQ kernels",
+        "scale": "FP16",
+        "needs": "transformers' own GPTQ loader needs optimum and gptqmodel; auto-round's loader reads the same "
+                 "folder with `pip install auto-round`, as below.",
+        "import": ", AutoRoundConfig", "load_args": ", quantization_config=AutoRoundConfig()",
+    },
+    "auto-round": {
+        "stored_in": "stored in auto-round's native format (GPTQ-style packing, `quant_method: auto-round`) that "
+                     "transformers and vLLM load",
+        "scale": "FP16", "needs": "Needs `pip install auto-round` beside transformers.",
+        "import": "", "load_args": "",
+    },
+}
 
 
 def calibration_text(manifest: dict, recipe: Recipe) -> str:
@@ -379,7 +401,8 @@ def _environment():
 
 def render_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     facts = gather(run_dir, repo_id)
-    body = _environment().get_template(TEMPLATE).render(f=facts, algorithms=ALGORITHMS)
+    body = _environment().get_template(TEMPLATE).render(f=facts, algorithms=ALGORITHMS,
+                                                                 fmt=FORMATS[facts.recipe.export])
     return ModelCard(f"---\n{metadata(facts).to_yaml()}\n---\n\n{body}")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
 from pipeline.quantize import Backend
@@ -37,14 +38,17 @@ def staging_dir(final: Path) -> Path:
 
 def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: Plan, folder: Path) -> list[str]:
     """Save the quantized model and the source's side files into `folder`; return the copied names."""
-    backend.save(model, folder, recipe)
-    add_missing_ignores(folder, plan)
+    if recipe.export == COMPRESSED_TENSORS:
+        backend.save(model, folder, recipe)
+        add_missing_ignores(folder, plan)
+    else:
+        save_packed(model, plan, recipe, folder)
     copied = []
     for path in sidecar_files(source):
         if not (folder / path.name).exists():
             shutil.copy2(path, folder / path.name)
             copied.append(path.name)
-    check_complete(folder, plan)
+    check_complete(folder, plan, recipe.export)
     return copied
 
 
@@ -75,16 +79,18 @@ def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
     return problems
 
 
-def check_complete(folder: Path, plan: Plan) -> None:
-    """The export has weights and a quantization_config whose ignore list matches the plan."""
+def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TENSORS) -> None:
+    """The export has weights and a quantization_config that keeps exactly what the plan keeps."""
     if not any(folder.glob(WEIGHT_GLOB)):
         raise ExportIncomplete(f"{folder}: no safetensors weights were written")
     config = json.loads((folder / "config.json").read_text())
     qconfig = config.get("quantization_config")
     if not qconfig:
         raise ExportIncomplete(f"{folder}/config.json has no quantization_config")
-    if problems := ignore_problems(qconfig.get("ignore", []), plan):
-        raise ExportIncomplete(f"quantization_config.ignore does not match the plan ({len(problems)} problems): "
+    problems = (ignore_problems(qconfig.get("ignore", []), plan) if export_format == COMPRESSED_TENSORS
+                else kept_problems(config, plan, FORMATS[export_format]))
+    if problems:
+        raise ExportIncomplete(f"quantization_config does not keep what the plan keeps ({len(problems)} problems): "
                                + "; ".join(problems[:5]))
 
 

@@ -150,11 +150,16 @@ def component_of(name: str) -> str:
     return "other"
 
 
-def quantized_bytes(out_features: int, in_features: int, bits: int, group_size: int | None, symmetric: bool) -> int:
-    """Bytes of one Linear in compressed-tensors' pack-quantized format: int32-packed weights,
-    BF16 scales per group (or per channel), packed zero points when asymmetric, the shape."""
+def quantized_bytes(out_features: int, in_features: int, bits: int, group_size: int | None, symmetric: bool,
+                    layout: str = "compressed-tensors") -> int:
+    """Bytes of one Linear as stored. compressed-tensors' pack-quantized: int32-packed weights, BF16
+    scales per group (or per channel), packed zero points when asymmetric, the shape. GPTQ layout
+    (`gptq`, `auto-round`): int32 qweight and qzeros (always stored), FP16 scales, `g_idx` for gptq."""
     groups = in_features // group_size if group_size else 1
     packed = out_features * math.ceil(in_features * bits / 32) * 4
+    if layout != "compressed-tensors":
+        qzeros = groups * math.ceil(out_features * bits / 32) * 4
+        return packed + qzeros + groups * out_features * 2 + (4 * in_features if layout == "gptq" else 0)
     scales = out_features * groups * 2
     zero_points = 0 if symmetric else math.ceil(out_features * bits / 32) * groups * 4
     return packed + scales + zero_points + 2 * 8
@@ -177,6 +182,8 @@ def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe) ->
         return False, f"shape: in {in_features} % group {recipe.group_size} != 0"
     if (in_features * recipe.bits) % 32:
         return False, f"shape: in {in_features} x {recipe.bits} bits % 32 != 0"
+    if recipe.export != "compressed-tensors" and (shape[0] * recipe.bits) % 32:  # GPTQ packs zeros along out
+        return False, f"shape: out {shape[0]} x {recipe.bits} bits % 32 != 0"
     return True, ""
 
 
@@ -212,7 +219,7 @@ def build_plan(meta_model, config, recipe: Recipe) -> Plan:
         match = _LAYER_INDEX.search(name)
         layer = int(match.group(1)) if match and component in ("text_decoder", "ple", "moe_router", "moe_experts") else None
         bf16 = 0 if tied_to else 2 * numel
-        export = (quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric)
+        export = (quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric, recipe.export)
                   + 2 * (numel - shape[0] * shape[1])) if quantize else bf16
         parts = name.split(".")
         fates.append(ModuleFate(

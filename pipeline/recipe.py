@@ -22,8 +22,12 @@ GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 # What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
 # recipes can be written for them; `available_algorithms` says which this version executes.
 ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise"}
-EXPORT_SCHEMES = {"compressed-tensors": ("W4A16", "W8A16"), "gptq": ("W4A16",)}
-IMPLEMENTED_EXPORTS = ("compressed-tensors",)
+# The library each algorithm can run on (the first is the default). AutoRound's SignRound and GPTQ's
+# solver run inside our block driver; RTN runs as either library's own pass.
+ALGORITHM_LIBRARIES = {"rtn": ("llmcompressor", "auto-round"), "autoround": ("auto-round",), "gptq": ("llmcompressor",)}
+# compressed-tensors for vLLM/SGLang/transformers; `gptq` (AutoGPTQ layout) and `auto-round` (auto-round's
+# native format) for stacks that load those. All three hold the same integers (pipeline/formats.py).
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "auto-round")
 
 
 GEMMA3_270M = "gguf:gemma3-270m"
@@ -152,11 +156,12 @@ class Recipe(_Strict):
     model: ModelSpec
     scheme: Scheme
     algorithm: Literal["rtn", "autoround", "gptq"] = "rtn"
+    library: Literal["llmcompressor", "auto-round"] | None = None  # None: the algorithm's default library
     # None means one scale per output channel; W8A16 defaults to that, W4A16 to 128.
     group_size: int | None = None
     symmetric: bool = True
     skip: list[str] = Field(default_factory=list)
-    export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
@@ -200,12 +205,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
-        if self.scheme not in EXPORT_SCHEMES[self.export]:
-            raise _KeyError("export", f"format {self.export!r} cannot hold {self.scheme}; "
-                            f"{self.scheme} exports as: compressed-tensors")
-        if self.export not in IMPLEMENTED_EXPORTS:
-            raise _KeyError("export", f"format {self.export!r} is not available in this version; "
-                            f"available: {', '.join(IMPLEMENTED_EXPORTS)}")
+        if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
+            raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(ALGORITHM_LIBRARIES[self.algorithm])}, "
+                            f"not {self.library}")
         if self.algorithm not in ALGORITHM_BACKENDS:
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
@@ -221,6 +223,8 @@ class Recipe(_Strict):
 
     @property
     def backend(self) -> str:
+        if self.algorithm == "rtn" and self.library == "auto-round":
+            return "auto-round"
         return ALGORITHM_BACKENDS[self.algorithm]
 
     @property

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from pipeline.formats import COMPRESSED_TENSORS, FORMATS, ExportFormat
+
 PROBE_SEQUENCES = 2
 PROBE_TOKENS = 64
 
@@ -66,12 +68,18 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> LogitComparison
     )
 
 
-def reload_check(folder: Path, model_cls, input_ids, reference: torch.Tensor, in_memory: torch.Tensor) -> ReloadReport:
-    model, info = model_cls.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True)
+def load_quantized(model_cls, folder: Path, fmt: ExportFormat):
+    """The export loaded as users load its format; with transformers' load report."""
+    return model_cls.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True, **fmt.load_kwargs())
+
+
+def reload_check(folder: Path, model_cls, input_ids, reference: torch.Tensor, in_memory: torch.Tensor,
+                 fmt: ExportFormat = FORMATS[COMPRESSED_TENSORS]) -> ReloadReport:
+    model, info = load_quantized(model_cls, folder, fmt)
     reloaded = logits(model, input_ids)
     return ReloadReport(
         missing_keys=sorted(info.get("missing_keys", [])),
-        unexpected_keys=sorted(info.get("unexpected_keys", [])),
+        unexpected_keys=sorted(k for k in info.get("unexpected_keys", []) if not fmt.tolerated_unexpected(k)),
         mismatched_keys=sorted(str(k) for k in info.get("mismatched_keys", [])),
         vs_unquantized=compare(reference, reloaded),
         vs_in_memory=compare(in_memory, reloaded),

@@ -91,6 +91,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
     → validation (which raises ValidationFailed, export kept and manifest marked, on a miss) → model card
     (written on a miss too, so the card says the checkpoint failed)."""
     from pipeline import reload as reloading
+    from pipeline.formats import export_format
     from pipeline.export import folder_bytes, replace_atomically, staging_dir, tensor_digests, write_export
     from pipeline.quantize import get_backend
 
@@ -134,7 +135,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             report = None
             if recipe.reload_check if reload_check is None else reload_check:
                 with timer.stage("reload_check"):
-                    report = reloading.reload_check(staging, model_class(config), probe, reference, in_memory)
+                    report = reloading.reload_check(staging, model_class(config), probe, reference, in_memory,
+                                                    export_format(recipe.export))
                 if report.problems:
                     raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
             replace_atomically(staging, final)

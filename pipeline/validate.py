@@ -24,14 +24,16 @@ from tqdm.auto import tqdm
 
 from pipeline.corpus import load_texts, token_windows
 from pipeline.export import ignore_problems, tensor_digest
+from pipeline.formats import (COMPRESSED_TENSORS, ExportFormat, expert_slice, export_format, fused_source,
+                              kept_problems)
 from pipeline.model import Source, load_config, model_class, resolve
+from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
 from pipeline.run import DIGESTS, EXPORT, MANIFEST, PLAN, library_versions, write_json_atomically
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
-QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
 class Quality(BaseModel):
@@ -98,7 +100,14 @@ class EvalReport(BaseModel):
 
     @property
     def failures(self) -> list[str]:
-        return self.load_problems + self.structure.problems + [g.message for g in self.gates if not g.passed]
+        """All failures, structural ones capped (they come in hundreds when a layout is wrong)."""
+        structure = self.structure.problems
+        if len(structure) > MAX_LISTED:
+            structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
+        return self.load_problems + structure + [g.message for g in self.gates if not g.passed]
+
+
+MAX_LISTED = 10
 
 
 class ValidationFailed(RuntimeError):
@@ -118,8 +127,9 @@ class LoadProblems(RuntimeError):
     """The export does not load cleanly: measuring it would measure random weights."""
 
 
-def load_export(cls, export: Path):
-    model, info = cls.from_pretrained(export, dtype=torch.bfloat16, output_loading_info=True)
+def load_export(cls, export: Path, fmt: ExportFormat):
+    model, info = load_quantized(cls, export, fmt)
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", []) if not fmt.tolerated_unexpected(k)]
     problems = [f"{len(keys)} {kind.replace('_', ' ')} when transformers loads the export, e.g. {sorted(map(str, keys))[:3]}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))]
     if problems:
@@ -200,11 +210,11 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str],
+def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat, config_problems: list[str],
                     digests: dict[str, str] | None = None) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
-    module is stored packed (not as a 16-bit weight); nothing else appears; the ignore list fits;
-    no tensor changed since export (when its digests are known)."""
+    module is stored packed (not as a 16-bit weight); nothing else appears; the config keeps what the
+    plan keeps (`config_problems`); no tensor changed since export (when its digests are known)."""
     src, out = _Tensors(source_dir), _Tensors(export)
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
@@ -215,14 +225,23 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
         return f"{name} ({m.component})" if m else name
 
     packed_dtypes = {}
+    fused = {}  # the source's fused expert tensors, read once each, for an export that stores them per expert
     # One pass over the export, each tensor read once: changed since export, identical to the source.
     for key in out.files:
         owner, _, leaf = key.rpartition(".")
         stored = out.get(key)
         if digests is not None and key in digests and tensor_digest(stored) != digests[key]:
             problems.append(f"{where(owner)}: tensor {key} changed since the export was written")
-        if owner in quantized and leaf in QUANT_SUFFIXES:
-            packed_dtypes[owner] = stored.dtype if leaf == "weight_packed" else packed_dtypes.get(owner)
+        if owner in quantized and leaf in fmt.module_tensors:
+            packed_dtypes[owner] = stored.dtype if leaf == fmt.packed_weight else packed_dtypes.get(owner)
+        elif key not in src.files and (part := fused_source(key)) and part[0] in src.files:
+            fused_key, index, proj = part
+            if fused_key not in fused:
+                fused = {fused_key: src.get(fused_key)}
+            if torch.equal(expert_slice(fused[fused_key], index, proj).to(stored.dtype), stored):
+                identical += 1
+            else:
+                problems.append(f"{where(owner)}: {key} differs from expert {index} of the source's {fused_key}")
         elif key not in src.files:
             problems.append(f"{where(owner)}: unexpected tensor {key} in the export")
         elif owner not in quantized:
@@ -233,17 +252,20 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
                 problems.append(f"{where(owner)}: {key} differs from the source (max |Δ| {delta:.3g})")
             else:
                 identical += 1
+    unfused = {f"{name}.{fused_key}" for name in {fused_source(k)[0].rpartition(".")[0] for k in out.files if fused_source(k)}
+               for fused_key in ("gate_up_proj", "down_proj")}
     problems += [f"{where(key.rpartition('.')[0])}: tensor {key} is missing from the export"
-                 for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized]
+                 for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized
+                 and key not in unfused]
     for name in sorted(quantized):
         keys = {k.rpartition(".")[2] for k in out.files if k.rpartition(".")[0] == name}
-        if "weight" in keys or "weight_packed" not in keys or "weight_scale" not in keys:
+        if "weight" in keys or fmt.packed_weight not in keys or not keys & {"weight_scale", "scales"}:
             problems.append(f"{where(name)}: planned quantized but stored as {sorted(keys) or 'nothing'}")
         elif packed_dtypes[name] != torch.int32:
-            problems.append(f"{where(name)}: weight_packed is not int32")
+            problems.append(f"{where(name)}: {fmt.packed_weight} is not int32")
         else:
             stored_packed += 1
-    problems += ignore_problems(ignore, plan)
+    problems += config_problems
     return Structure(tensors_checked=len(src.files), kept_identical=identical,
                      quantized_stored=stored_packed, problems=problems)
 
@@ -251,13 +273,13 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
 # ---------------------------------------------------------------- sizes and gates
 
 
-def measure_sizes(export: Path, source_dir: Path | None, plan: Plan) -> Sizes:
+def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: ExportFormat) -> Sizes:
     out = _Tensors(export)
     quantized = {m.name for m in plan.quantized}
     per_module = defaultdict(int)
     for key in out.files:
         owner, _, leaf = key.rpartition(".")
-        if owner in quantized and leaf in QUANT_SUFFIXES:
+        if owner in quantized and leaf in fmt.module_tensors:
             per_module[owner] += out.nbytes(key)
     quantized_params = sum(m.params for m in plan.quantized)
     quantized_bytes = sum(per_module.values())
@@ -338,6 +360,8 @@ def validate_run(run_dir: Path) -> EvalReport:
     source = resolve(recipe.model)
     config = load_config(source)
     cls = model_class(config)
+    fmt = export_format(recipe.export)
+    qconfig = json.loads((export / "config.json").read_text())["quantization_config"]
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
     spec = recipe.eval
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
@@ -349,22 +373,23 @@ def validate_run(run_dir: Path) -> EvalReport:
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     quality, generations, load_problems = None, [], []
     try:
-        quality, generations = compare_models(reference, lambda: load_export(cls, export), windows, scratch,
+        quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch,
                                               tokenizer, spec.prompts, spec.max_new_tokens)
     except LoadProblems as err:
         load_problems = [str(err)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     weights_dir = source_weights_dir(source)
-    ignore = json.loads((export / "config.json").read_text())["quantization_config"].get("ignore", [])
+    config_problems = (ignore_problems(qconfig.get("ignore", []), plan) if recipe.export == COMPRESSED_TENSORS
+                       else kept_problems({"quantization_config": qconfig}, plan, fmt))
     digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
-    structure = (check_structure(export, weights_dir, plan, ignore, digests) if weights_dir else
+    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests) if weights_dir else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=["the source's weights are not available locally to compare with"]))
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
-        sizes=measure_sizes(export, weights_dir, plan),
+        sizes=measure_sizes(export, weights_dir, plan, fmt),
         generations=generations,
         structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
         load_problems=load_problems, versions=library_versions(),

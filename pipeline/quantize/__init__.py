@@ -38,6 +38,10 @@ def get_backend(recipe: Recipe) -> Backend:
         from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
 
         return LLMCompressorBackend()
+    if recipe.backend == "auto-round":
+        from pipeline.quantize.autoround_backend import AutoRoundRTNBackend
+
+        return AutoRoundRTNBackend()
     if recipe.backend == "blockwise":
         from pipeline.quantize.blockwise_backend import BlockwiseBackend
 

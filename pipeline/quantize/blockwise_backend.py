@@ -38,6 +38,14 @@ def attach_grids(model, plan: Plan, recipe: Recipe, grids: dict[str, QuantizedWe
         raise RuntimeError(f"the calibrated pass produced no grid for {missing[:5]}")
 
 
+def save_compressed_tensors(model, folder: Path) -> None:
+    """A model whose grids were attached (not quantized by llmcompressor) saved as compressed-tensors."""
+    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+
+    modify_save_pretrained(model)
+    model.save_pretrained(folder, save_compressed=True)
+
+
 def _weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -65,10 +73,7 @@ class BlockwiseBackend:
         self.report = {"block_errors": result.block_errors}
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
-        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
-
-        modify_save_pretrained(model)
-        model.save_pretrained(folder, save_compressed=True)
+        save_compressed_tensors(model, folder)
 
     def versions(self) -> dict[str, str]:
         return {pkg: version(pkg) for pkg in ("auto-round", "llmcompressor", "compressed-tensors")}

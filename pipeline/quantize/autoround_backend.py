@@ -1,0 +1,88 @@
+"""RTN through auto-round (`algorithm: rtn`, `library: auto-round`): AutoRound with `iters=0`.
+
+`disable_opt_rtn=True` makes it plain round-to-nearest: auto-round's default at `iters=0` is an
+"optimized RTN" that wants calibration data (and reaches for its default Hub dataset when it has
+none). auto-round picks its own scales (symmetric: max|w| / 2^(b-1), where llmcompressor uses
+max|w| / 7.5 at 4 bits), so the two libraries' RTN give different grids. Its grid is attached as
+compressed-tensors' state like every backend's, so all export formats hold the same integers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from pipeline.plan import Plan
+from pipeline.quantize import CalibrationData
+from pipeline.quantize.blockwise import QuantizedWeight
+from pipeline.quantize.blockwise_backend import attach_grids, save_compressed_tensors
+from pipeline.recipe import Recipe
+
+_AUTOROUND_ATTRIBUTES = ("scale", "zp", "bits", "group_size", "sym", "data_type", "act_bits", "act_group_size",
+                         "act_sym", "act_data_type", "act_dynamic", "super_bits", "super_group_size")
+
+
+@contextmanager
+def _work_space():
+    """auto-round writes scratch files to ./ar_work_space unless told otherwise."""
+    previous = os.environ.get("AR_WORK_SPACE")
+    with tempfile.TemporaryDirectory(prefix="auto-round-") as scratch:
+        os.environ["AR_WORK_SPACE"] = scratch
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("AR_WORK_SPACE", None)
+            else:
+                os.environ["AR_WORK_SPACE"] = previous
+
+
+def autoround_grid(module, bits: int) -> QuantizedWeight:
+    """auto-round's result for one Linear (weight already on its grid, FP16 scales, unsigned zero
+    point) as compressed-tensors' signed grid. The scales are rounded to the weight's dtype, the one
+    compressed-tensors stores; the integers are unchanged by that (|q| ≤ 2^(b-1), relative scale
+    change ≤ 2^-9)."""
+    offset = 2 ** (bits - 1)
+    scale = module.scale.to(module.weight.dtype)
+    zero_point = None
+    if not module.sym:
+        zero_point = (torch.as_tensor(module.zp).to(torch.int32) - offset).reshape(scale.shape).to(torch.int8)
+    return QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+
+
+class AutoRoundRTNBackend:
+    name = "auto-round"
+
+    def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
+        from auto_round import AutoRound
+
+        kept = {m.name: {"bits": 16} for m in plan.modules if m.kind == "linear" and not m.quantize}
+        with _work_space():
+            rounder = AutoRound(model, tokenizer=None, bits=recipe.bits, group_size=recipe.group_size or -1,
+                                sym=recipe.symmetric, iters=0, disable_opt_rtn=True, layer_config=kept)
+            model, _ = rounder.quantize()
+        grids = {}
+        for fate in plan.quantized:
+            module = model.get_submodule(fate.name)
+            if getattr(module, "bits", 16) != recipe.bits:
+                raise RuntimeError(f"auto-round did not quantize {fate.name}")
+            grids[fate.name] = autoround_grid(module, recipe.bits)
+        unplanned = sorted(name for name, module in model.named_modules()
+                           if getattr(module, "bits", 16) < 16 and name not in grids)
+        if unplanned:
+            raise RuntimeError(f"auto-round quantized modules the plan keeps: {unplanned[:5]}")
+        for module in model.modules():
+            for attribute in _AUTOROUND_ATTRIBUTES:
+                module.__dict__.pop(attribute, None)
+        attach_grids(model, plan, recipe, grids)
+
+    def save(self, model, folder: Path, recipe: Recipe) -> None:
+        save_compressed_tensors(model, folder)
+
+    def versions(self) -> dict[str, str]:
+        return {pkg: version(pkg) for pkg in ("auto-round", "compressed-tensors")}
