@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.quantize import Backend
 from pipeline.recipe import Recipe
 
 WEIGHT_GLOB = "*.safetensors"
+SIZE_TOLERANCE = 0.02  # the plan counts tensor data exactly; the margin is for layouts it rounds
 
 
 class ExportIncomplete(RuntimeError):
@@ -87,6 +89,11 @@ def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TEN
     qconfig = config.get("quantization_config")
     if not qconfig:
         raise ExportIncomplete(f"{folder}/config.json has no quantization_config")
+    written, estimate = tensor_data_bytes(folder), plan.export_bytes
+    if abs(written / estimate - 1) > SIZE_TOLERANCE:
+        # e.g. experts or towers written in BF16 that the plan counted packed, or the reverse
+        raise ExportIncomplete(f"the weights written ({written / 1e6:.2f} MB) differ from the plan's estimate "
+                               f"({estimate / 1e6:.2f} MB) by more than {SIZE_TOLERANCE:.0%}: the export does not hold what the plan says")
     problems = (ignore_problems(qconfig.get("ignore", []), plan) if export_format == COMPRESSED_TENSORS
                 else kept_problems(config, plan, FORMATS[export_format]))
     if problems:
@@ -128,6 +135,16 @@ def tensor_digests(folder: Path) -> dict[str, str]:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tensor_data_bytes(folder: Path) -> int:
+    """Bytes of tensor data in the folder's safetensors files, headers excluded, read from the headers."""
+    total = 0
+    for path in folder.glob(WEIGHT_GLOB):
+        with path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:

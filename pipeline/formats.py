@@ -214,8 +214,8 @@ def save_packed(model, plan: Plan, recipe: Recipe, folder: Path) -> None:
     from transformers import PreTrainedModel
 
     fmt = export_format(recipe.export)
-    if any(m.kind == "experts" for m in plan.modules):
-        unfuse_experts(model)
+    if any(m.component == "moe_experts" for m in plan.modules):
+        unfuse_experts(model)  # a no-op when the experts were unfused to be quantized
     for fate in plan.quantized:
         module = model.get_submodule(fate.name)
         packed = pack_module(module, integer_grid(module), fmt.g_idx)

@@ -40,7 +40,7 @@ WHY_KEPT: dict[str, str] = {
     "lm_head": "tied to embed_tokens; every generated token reads it",
     "embedding table": "not a Linear layer",
     "MoE router": "routing decisions are precision-sensitive",
-    "fused MoE experts": "3-D parameters, not Linear layers: RTN through llmcompressor leaves them BF16",
+    "fused MoE experts": "kept unless the recipe sets `quantize_experts: true` (auto-round or GPTQ exports)",
     "shape": "the scheme cannot take this input width (group size or 32-bit packing)",
     "recipe": "listed under skip: in the recipe",
 }
@@ -175,7 +175,7 @@ def _skip_match(name: str, patterns: list[str]) -> str | None:
 def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe) -> tuple[bool, str]:
     if (pattern := _skip_match(name, recipe.skip)) is not None:
         return False, f"recipe: skip {pattern}"
-    if component != "text_decoder":
+    if component not in ("text_decoder", "moe_experts"):
         return False, KEEP_REASONS[component]
     in_features = shape[1]
     if recipe.group_size and in_features % recipe.group_size:
@@ -185,6 +185,28 @@ def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe) ->
     if recipe.export != "compressed-tensors" and (shape[0] * recipe.bits) % 32:  # GPTQ packs zeros along out
         return False, f"shape: out {shape[0]} x {recipe.bits} bits % 32 != 0"
     return True, ""
+
+
+def _per_expert_fates(name: str, experts, recipe: Recipe, layer_types: list[str]) -> list[ModuleFate]:
+    """Fused experts as the per-expert Linears the quantizers and the packed exports address:
+    `<name>.<i>.gate_proj` / `up_proj` [I, H] (the halves of gate_up_proj [E, 2I, H]) and
+    `<name>.<i>.down_proj` [H, I]."""
+    num_experts, two_i, hidden = experts.gate_up_proj.shape
+    shapes = {"gate_proj": [two_i // 2, hidden], "up_proj": [two_i // 2, hidden], "down_proj": [hidden, two_i // 2]}
+    layer = int(_LAYER_INDEX.search(name).group(1))
+    fates = []
+    for index in range(num_experts):
+        for proj, shape in shapes.items():
+            numel = shape[0] * shape[1]
+            quantize, reason = _linear_fate(f"{name}.{index}.{proj}", "moe_experts", shape, recipe)
+            fates.append(ModuleFate(
+                name=f"{name}.{index}.{proj}", component="moe_experts", kind="linear", shape=shape, params=numel,
+                layer=layer, layer_type=layer_types[layer] if layer < len(layer_types) else None, submodule=proj,
+                quantize=quantize, reason=reason, bf16_bytes=2 * numel,
+                export_bytes=quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric,
+                                             recipe.export) if quantize else 2 * numel,
+            ))
+    return fates
 
 
 def build_plan(meta_model, config, recipe: Recipe) -> Plan:
@@ -207,6 +229,10 @@ def build_plan(meta_model, config, recipe: Recipe) -> Plan:
         else:
             continue
         params = [p for p in module.parameters(recurse=False)]
+        if kind == "experts" and recipe.quantize_experts:
+            fates += _per_expert_fates(name, module, recipe, layer_types)
+            covered.update(id(p) for p in params)
+            continue
         weight = module.weight if kind != "experts" else None
         shape = list(weight.shape) if weight is not None else [sum(p.numel() for p in params)]
         numel = sum(p.numel() for p in params)

@@ -161,6 +161,8 @@ class Recipe(_Strict):
     group_size: int | None = None
     symmetric: bool = True
     skip: list[str] = Field(default_factory=list)
+    # MoE models: quantize the fused experts too, as per-expert Linears (the packed exports' layout).
+    quantize_experts: bool = False
     export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
@@ -205,6 +207,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
+        if self.quantize_experts and self.export == "compressed-tensors":
+            raise _KeyError("quantize_experts", "quantized MoE experts need export: auto-round or gptq; transformers "
+                            "5.17 loads compressed-tensors' per-expert layout with the experts silently random")
+        if self.quantize_experts and self.calibrated:
+            raise _KeyError("quantize_experts", f"{self.algorithm} does not calibrate MoE experts in this version "
+                            f"(experts that see no calibration tokens need a routing strategy); use algorithm: rtn")
         if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
             raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(ALGORITHM_LIBRARIES[self.algorithm])}, "
                             f"not {self.library}")

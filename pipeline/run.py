@@ -123,6 +123,10 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                                                         f"{recipe.model.id}@{recipe.model.revision}")
                 data = CalibrationData(tokens, calibration_set.sha256, run_dir)
         with timer.stage("quantize"):
+            if recipe.quantize_experts:  # the plan addresses the experts as per-expert Linears
+                from pipeline.formats import unfuse_experts
+
+                unfuse_experts(model)
             backend.quantize(model, plan, recipe, data)
             in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -108,6 +109,7 @@ class EvalReport(BaseModel):
 
 
 MAX_LISTED = 10
+_EXPERT_OWNER = re.compile(r"^(.+\.experts)\.\d+\.(gate|up|down)_proj$")  # an export that stores experts unfused
 
 
 class ValidationFailed(RuntimeError):
@@ -252,7 +254,7 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
                 problems.append(f"{where(owner)}: {key} differs from the source (max |Δ| {delta:.3g})")
             else:
                 identical += 1
-    unfused = {f"{name}.{fused_key}" for name in {fused_source(k)[0].rpartition(".")[0] for k in out.files if fused_source(k)}
+    unfused = {f"{match[1]}.{fused_key}" for key in out.files if (match := _EXPERT_OWNER.match(key.rpartition(".")[0]))
                for fused_key in ("gate_up_proj", "down_proj")}
     problems += [f"{where(key.rpartition('.')[0])}: tensor {key} is missing from the export"
                  for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized
