@@ -105,13 +105,13 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         with timer.stage("plan"):
             source, config, plan = make_plan(recipe, recipe_path)
             plan.save(run_dir / PLAN)
-        backend = get_backend(recipe)
         with timer.stage("load"):
             model = load_model(source, config)
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
             probe = reloading.probe_input_ids(tokenizer)
+            backend = get_backend(recipe, tokenizer)
             reference = reloading.logits(model, probe)
         data, calibration_set = None, None
         if recipe.calibrated:

@@ -33,7 +33,7 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
-def get_backend(recipe: Recipe) -> Backend:
+def get_backend(recipe: Recipe, tokenizer=None) -> Backend:
     if recipe.backend == "llmcompressor":
         from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
 
@@ -41,7 +41,7 @@ def get_backend(recipe: Recipe) -> Backend:
     if recipe.backend == "auto-round":
         from pipeline.quantize.autoround_backend import AutoRoundRTNBackend
 
-        return AutoRoundRTNBackend()
+        return AutoRoundRTNBackend(tokenizer)
     if recipe.backend == "blockwise":
         from pipeline.quantize.blockwise_backend import BlockwiseBackend
 

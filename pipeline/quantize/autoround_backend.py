@@ -58,12 +58,15 @@ def autoround_grid(module, bits: int) -> QuantizedWeight:
 class AutoRoundRTNBackend:
     name = "auto-round"
 
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # AutoRound wants one for text-only models, though RTN reads no text
+
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
         from auto_round import AutoRound
 
         kept = {m.name: {"bits": 16} for m in plan.modules if m.kind == "linear" and not m.quantize}
         with _work_space():
-            rounder = AutoRound(model, tokenizer=None, bits=recipe.bits, group_size=recipe.group_size or -1,
+            rounder = AutoRound(model, tokenizer=self.tokenizer, bits=recipe.bits, group_size=recipe.group_size or -1,
                                 sym=recipe.symmetric, iters=0, disable_opt_rtn=True, layer_config=kept)
             model, _ = rounder.quantize()
         grids = {}
