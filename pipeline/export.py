@@ -76,7 +76,8 @@ def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
 
 
 def check_complete(folder: Path, plan: Plan) -> None:
-    """The export has weights and a quantization_config whose ignore list matches the plan."""
+    """The export has weights and a quantization_config whose ignore list matches the plan and
+    the written weights (every module stored 16-bit named, no packed one)."""
     if not any(folder.glob(WEIGHT_GLOB)):
         raise ExportIncomplete(f"{folder}: no safetensors weights were written")
     config = json.loads((folder / "config.json").read_text())
@@ -86,6 +87,11 @@ def check_complete(folder: Path, plan: Plan) -> None:
     if problems := ignore_problems(qconfig.get("ignore", []), plan):
         raise ExportIncomplete(f"quantization_config.ignore does not match the plan ({len(problems)} problems): "
                                + "; ".join(problems[:5]))
+    from pipeline.index_check import index_ignore_problems
+
+    if problems := index_ignore_problems(folder, qconfig.get("ignore", [])):
+        raise ExportIncomplete(f"quantization_config.ignore does not match the written weights "
+                               f"({len(problems)} problems): " + "; ".join(problems[:5]))
 
 
 def replace_atomically(staging: Path, final: Path) -> None:
