@@ -138,6 +138,7 @@ class CardFacts(BaseModel):
     command: str
     license: LicenseFacts
     limitations: list[str]
+    dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
 
 
 # ---------------------------------------------------------------- facts
@@ -180,6 +181,7 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
         recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
         license=license_facts(manifest, recipe, source),
         limitations=[],
+        dropped_towers=(manifest.get("modalities") or {}).get("dropped_params") or {},
     )
     facts.limitations = limitations(facts, plan)
     return facts

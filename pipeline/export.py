@@ -37,10 +37,14 @@ def staging_dir(final: Path) -> Path:
 
 def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: Plan, folder: Path) -> list[str]:
     """Save the quantized model and the source's side files into `folder`; return the copied names."""
+    from pipeline.text_only import detach_from_source_config, export_sidecars, wanted
+
+    if wanted(recipe):
+        detach_from_source_config(model)
     backend.save(model, folder, recipe)
     add_missing_ignores(folder, plan)
     copied = []
-    for path in sidecar_files(source):
+    for path in export_sidecars(recipe, sidecar_files(source)):
         if not (folder / path.name).exists():
             shutil.copy2(path, folder / path.name)
             copied.append(path.name)

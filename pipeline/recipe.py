@@ -156,6 +156,8 @@ class Recipe(_Strict):
     group_size: int | None = None
     symmetric: bool = True
     skip: list[str] = Field(default_factory=list)
+    # text: leave out the vision and audio towers and projectors; the export loads as a text model.
+    modalities: Literal["all", "text"] = "all"
     export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
