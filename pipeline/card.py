@@ -30,8 +30,9 @@ CARD = "README.md"
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = "README.md.j2"
 
-ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ"}
-CALIBRATION = {"rtn": "none (RTN is data-free)"}
+ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ",
+              "qat-repack": "QAT repack (the source's own 4-bit grid, recovered exactly)"}
+CALIBRATION = {"rtn": "none (RTN is data-free)", "qat-repack": "none (the integers and scales come from the source's grid)"}
 
 
 def calibration_text(manifest: dict, recipe: Recipe) -> str:

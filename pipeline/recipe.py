@@ -21,7 +21,9 @@ SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 # What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
 # recipes can be written for them; `available_algorithms` says which this version executes.
-ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise"}
+ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise", "qat-repack": "qat-repack"}
+CALIBRATED_ALGORITHMS = ("autoround", "gptq")
+QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
 EXPORT_SCHEMES = {"compressed-tensors": ("W4A16", "W8A16"), "gptq": ("W4A16",)}
 IMPLEMENTED_EXPORTS = ("compressed-tensors",)
 
@@ -151,7 +153,7 @@ class Recipe(_Strict):
     description: str = ""
     model: ModelSpec
     scheme: Scheme
-    algorithm: Literal["rtn", "autoround", "gptq"] = "rtn"
+    algorithm: Literal["rtn", "autoround", "gptq", "qat-repack"] = "rtn"
     # None means one scale per output channel; W8A16 defaults to that, W4A16 to 128.
     group_size: int | None = None
     symmetric: bool = True
@@ -196,6 +198,8 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _scheme_defaults(cls, data):
+        if isinstance(data, dict) and data.get("algorithm") == "qat-repack" and "group_size" not in data:
+            data = {**data, "group_size": QAT_GROUP_SIZE}
         if isinstance(data, dict) and data.get("scheme") == "W4A16" and "group_size" not in data:
             data = {**data, "group_size": 128}
         return data
@@ -215,7 +219,7 @@ class Recipe(_Strict):
 
     @property
     def calibrated(self) -> bool:
-        return self.algorithm != "rtn"
+        return self.algorithm in CALIBRATED_ALGORITHMS
 
     @property
     def bits(self) -> int:

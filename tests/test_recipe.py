@@ -42,7 +42,7 @@ def test_defaults():
     ({"scheme": "W8A16", "export": "gptq"}, "export", "format 'gptq' cannot hold W8A16"),
     ({"scheme": "W4A16", "export": "gptq"}, "export", "'gptq' is not available in this version; available: compressed-tensors"),
     ({"scheme": "W4A16", "export": "gguf"}, "export", "allowed: 'compressed-tensors' or 'gptq'"),
-    ({"scheme": "W4A16", "algorithm": "awq"}, "algorithm", "allowed: 'rtn', 'autoround' or 'gptq'"),
+    ({"scheme": "W4A16", "algorithm": "awq"}, "algorithm", "allowed: 'rtn', 'autoround', 'gptq' or 'qat-repack'"),
     ({"scheme": "W4A16", "autoround": {"iters": 0}}, "autoround.iters", "greater than or equal to 1"),
     ({"scheme": "W4A16", "calibration": {"sources": []}}, "calibration.sources", "at least 1 item"),
     ({"scheme": "W4A16", "skip": ["re:(unclosed"]}, "skip", "not a valid regular expression"),

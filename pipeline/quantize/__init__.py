@@ -42,6 +42,10 @@ def get_backend(recipe: Recipe) -> Backend:
         from pipeline.quantize.blockwise_backend import BlockwiseBackend
 
         return BlockwiseBackend(recipe.algorithm)
+    if recipe.backend == "qat-repack":
+        from pipeline.quantize.qat_repack import QATRepackBackend
+
+        return QATRepackBackend()
     raise ValueError(f"no backend {recipe.backend!r}")
 
 
