@@ -61,8 +61,8 @@ def test_a_dropped_ignore_entry_is_named(exports, tmp_path, variant, dropped):
     config["quantization_config"]["ignore"].remove(dropped)
     path.write_text(json.dumps(config))
     problems = index_ignore_problems(folder, _ignore(folder))
-    assert problems == [f"{dropped} is stored unpacked ({dropped}.{'down_proj' if variant != 'e2b' else 'weight'})"
-                        " but quantization_config.ignore does not name it"]
+    stored = f"{dropped}.{'down_proj' if variant != 'e2b' else 'weight'}"
+    assert problems == [f"{dropped} is stored unpacked ({stored}) but quantization_config.ignore does not name it"]
 
 
 def test_an_ignore_pattern_that_covers_a_packed_module_is_named(exports):

@@ -1,6 +1,5 @@
 """A tied lm_head that stays tied is stored once: not in the index, shared on reload, not in the size."""
 
-import json
 
 import pytest
 import torch
