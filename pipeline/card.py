@@ -30,8 +30,9 @@ CARD = "README.md"
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = "README.md.j2"
 
-ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ"}
-CALIBRATION = {"rtn": "none (RTN is data-free)"}
+ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ",
+              "qat-repack": "QAT repack (the source's own 4-bit grid, recovered exactly)"}
+CALIBRATION = {"rtn": "none (RTN is data-free)", "qat-repack": "none (the integers and scales come from the source's grid)"}
 # How each export format is described and loaded.
 FORMATS = {
     "compressed-tensors": {
@@ -160,6 +161,7 @@ class CardFacts(BaseModel):
     command: str
     license: LicenseFacts
     limitations: list[str]
+    dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
 
 
 # ---------------------------------------------------------------- facts
@@ -202,6 +204,7 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
         recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
         license=license_facts(manifest, recipe, source),
         limitations=[],
+        dropped_towers=(manifest.get("modalities") or {}).get("dropped_params") or {},
     )
     facts.limitations = limitations(facts, plan)
     return facts

@@ -40,13 +40,17 @@ def staging_dir(final: Path) -> Path:
 
 def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: Plan, folder: Path) -> list[str]:
     """Save the quantized model and the source's side files into `folder`; return the copied names."""
+    from pipeline.text_only import detach_from_source_config, export_sidecars, wanted
+
     if recipe.export == COMPRESSED_TENSORS:
+        if wanted(recipe):
+            detach_from_source_config(model)
         backend.save(model, folder, recipe)
         add_missing_ignores(folder, plan)
     else:
         save_packed(model, plan, recipe, folder)
     copied = []
-    for path in sidecar_files(source):
+    for path in export_sidecars(recipe, sidecar_files(source)):
         if not (folder / path.name).exists():
             shutil.copy2(path, folder / path.name)
             copied.append(path.name)
@@ -82,7 +86,8 @@ def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
 
 
 def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TENSORS) -> None:
-    """The export has weights and a quantization_config that keeps exactly what the plan keeps."""
+    """The export has weights and a quantization_config that keeps exactly what the plan keeps and,
+    for compressed-tensors, names every module the written weights store 16-bit (no packed one)."""
     if not any(folder.glob(WEIGHT_GLOB)):
         raise ExportIncomplete(f"{folder}: no safetensors weights were written")
     config = json.loads((folder / "config.json").read_text())
@@ -99,6 +104,11 @@ def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TEN
     if problems:
         raise ExportIncomplete(f"quantization_config does not keep what the plan keeps ({len(problems)} problems): "
                                + "; ".join(problems[:5]))
+    from pipeline.index_check import index_ignore_problems
+
+    if export_format == COMPRESSED_TENSORS and (problems := index_ignore_problems(folder, qconfig.get("ignore", []))):
+        raise ExportIncomplete(f"quantization_config.ignore does not match the written weights "
+                               f"({len(problems)} problems): " + "; ".join(problems[:5]))
 
 
 def replace_atomically(staging: Path, final: Path) -> None:

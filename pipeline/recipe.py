@@ -21,13 +21,16 @@ SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 # What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
 # recipes can be written for them; `available_algorithms` says which this version executes.
-ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise"}
+ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise", "qat-repack": "qat-repack"}
 # The library each algorithm can run on (the first is the default). AutoRound's SignRound and GPTQ's
 # solver run inside our block driver; RTN runs as either library's own pass.
-ALGORITHM_LIBRARIES = {"rtn": ("llmcompressor", "auto-round"), "autoround": ("auto-round",), "gptq": ("llmcompressor",)}
+ALGORITHM_LIBRARIES = {"rtn": ("llmcompressor", "auto-round"), "autoround": ("auto-round",), "gptq": ("llmcompressor",),
+                       "qat-repack": ()}
 # compressed-tensors for vLLM/SGLang/transformers; `gptq` (AutoGPTQ layout) and `auto-round` (auto-round's
 # native format) for stacks that load those. All three hold the same integers (pipeline/formats.py).
 EXPORT_FORMATS = ("compressed-tensors", "gptq", "auto-round")
+CALIBRATED_ALGORITHMS = ("autoround", "gptq")
+QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
 
 
 GEMMA3_270M = "gguf:gemma3-270m"
@@ -155,7 +158,7 @@ class Recipe(_Strict):
     description: str = ""
     model: ModelSpec
     scheme: Scheme
-    algorithm: Literal["rtn", "autoround", "gptq"] = "rtn"
+    algorithm: Literal["rtn", "autoround", "gptq", "qat-repack"] = "rtn"
     library: Literal["llmcompressor", "auto-round"] | None = None  # None: the algorithm's default library
     # None means one scale per output channel; W8A16 defaults to that, W4A16 to 128.
     group_size: int | None = None
@@ -163,6 +166,8 @@ class Recipe(_Strict):
     skip: list[str] = Field(default_factory=list)
     # MoE models: quantize the fused experts too, as per-expert Linears (the packed exports' layout).
     quantize_experts: bool = False
+    # text: leave out the vision and audio towers and projectors; the export loads as a text model.
+    modalities: Literal["all", "text"] = "all"
     export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
@@ -201,6 +206,8 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _scheme_defaults(cls, data):
+        if isinstance(data, dict) and data.get("algorithm") == "qat-repack" and "group_size" not in data:
+            data = {**data, "group_size": QAT_GROUP_SIZE}
         if isinstance(data, dict) and data.get("scheme") == "W4A16" and "group_size" not in data:
             data = {**data, "group_size": 128}
         return data
@@ -214,8 +221,8 @@ class Recipe(_Strict):
             raise _KeyError("quantize_experts", f"{self.algorithm} does not calibrate MoE experts in this version "
                             f"(experts that see no calibration tokens need a routing strategy); use algorithm: rtn")
         if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
-            raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(ALGORITHM_LIBRARIES[self.algorithm])}, "
-                            f"not {self.library}")
+            runs_on = " or ".join(ALGORITHM_LIBRARIES[self.algorithm]) or "no library (it only repacks)"
+            raise _KeyError("library", f"{self.algorithm} runs on {runs_on}, not {self.library}")
         if self.algorithm not in ALGORITHM_BACKENDS:
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
@@ -223,7 +230,7 @@ class Recipe(_Strict):
 
     @property
     def calibrated(self) -> bool:
-        return self.algorithm != "rtn"
+        return self.algorithm in CALIBRATED_ALGORITHMS
 
     @property
     def bits(self) -> int:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, text_only
 from pipeline.model import Source, build_meta_model, load_config, load_model, model_class, resolve, text_config
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import Recipe, check_against_config, load_recipe, resolve_recipe_path
@@ -73,6 +73,8 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
     source = resolve(recipe.model)
     config = load_config(source)
     check_against_config(recipe, text_config(config), recipe_path)
+    if text_only.wanted(recipe):
+        config = text_only.text_only_config(config)
     return source, config, build_plan(build_meta_model(config), config, recipe)
 
 
@@ -106,7 +108,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             source, config, plan = make_plan(recipe, recipe_path)
             plan.save(run_dir / PLAN)
         with timer.stage("load"):
-            model = load_model(source, config)
+            model = text_only.load_text_model(source, config) if text_only.wanted(recipe) else load_model(source, config)
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
@@ -123,10 +125,6 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                                                         f"{recipe.model.id}@{recipe.model.revision}")
                 data = CalibrationData(tokens, calibration_set.sha256, run_dir)
         with timer.stage("quantize"):
-            if recipe.quantize_experts:  # the plan addresses the experts as per-expert Linears
-                from pipeline.formats import unfuse_experts
-
-                unfuse_experts(model)
             backend.quantize(model, plan, recipe, data)
             in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT
@@ -171,6 +169,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             },
             "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied, "tensor_digests": DIGESTS},
             "reload": report.model_dump() if report else None,
+            "modalities": {"kept": recipe.modalities,
+                           "dropped_params": text_only.dropped_towers(load_config(source)) if text_only.wanted(recipe) else {}},
         }
         write_json_atomically(run_dir / MANIFEST, manifest)
         log.info("export ready: %s", final)

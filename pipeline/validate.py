@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from pipeline import text_only
 from pipeline.corpus import load_texts, token_windows
 from pipeline.export import ignore_problems, tensor_digest
 from pipeline.formats import (COMPRESSED_TENSORS, ExportFormat, expert_slice, export_format, fused_source,
@@ -191,15 +193,18 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
 class _Tensors:
     """The tensors of a safetensors folder, read lazily by key."""
 
-    def __init__(self, folder: Path):
-        self.files = {}
+    def __init__(self, folder: Path, rename: Callable[[str], str | None] | None = None):
+        """`rename`: the name each stored key goes by here (None leaves it out), e.g. a text-only build's."""
+        self.files, self._stored_as = {}, {}
         for path in sorted(folder.glob("*.safetensors")):
             with safe_open(path, "pt") as f:
-                self.files.update({key: path for key in f.keys()})
+                for key in f.keys():
+                    if (name := rename(key) if rename else key) is not None:
+                        self.files[name], self._stored_as[name] = path, key
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(self._stored_as[key])
 
     def nbytes(self, key: str) -> int:
         """Stored size from the header, without reading the tensor."""
@@ -213,11 +218,12 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat, config_problems: list[str],
-                    digests: dict[str, str] | None = None) -> Structure:
+                    digests: dict[str, str] | None = None,
+                    source_rename: Callable[[str], str | None] | None = None) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
     module is stored packed (not as a 16-bit weight); nothing else appears; the config keeps what the
     plan keeps (`config_problems`); no tensor changed since export (when its digests are known)."""
-    src, out = _Tensors(source_dir), _Tensors(export)
+    src, out = _Tensors(source_dir, source_rename), _Tensors(export)
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
     problems, identical, stored_packed = [], 0, 0
@@ -361,6 +367,8 @@ def validate_run(run_dir: Path) -> EvalReport:
     export = run_dir / EXPORT
     source = resolve(recipe.model)
     config = load_config(source)
+    if text_only.wanted(recipe):
+        config = text_only.text_only_config(config)
     cls = model_class(config)
     fmt = export_format(recipe.export)
     qconfig = json.loads((export / "config.json").read_text())["quantization_config"]
@@ -370,6 +378,8 @@ def validate_run(run_dir: Path) -> EvalReport:
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
 
     def reference():
+        if text_only.wanted(recipe):
+            return text_only.load_text_model(source, config).eval()
         return cls.from_pretrained(source.ref, revision=recipe.model.revision, dtype=torch.bfloat16).eval()
 
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
@@ -385,7 +395,8 @@ def validate_run(run_dir: Path) -> EvalReport:
     config_problems = (ignore_problems(qconfig.get("ignore", []), plan) if recipe.export == COMPRESSED_TENSORS
                        else kept_problems({"quantization_config": qconfig}, plan, fmt))
     digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
-    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests) if weights_dir else
+    rename = text_only.source_key if text_only.wanted(recipe) else None
+    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests, rename) if weights_dir else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=["the source's weights are not available locally to compare with"]))
     report = EvalReport(

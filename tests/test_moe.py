@@ -22,14 +22,16 @@ def _tensors(folder) -> dict:
     return found
 
 
-@pytest.fixture(scope="module", params=[("W8A16", "auto-round"), ("W4A16", "gptq")], ids=["w8-auto-round", "w4-gptq"])
+@pytest.fixture(scope="module", params=[("W8A16", "auto-round", "llmcompressor"), ("W4A16", "gptq", "llmcompressor"),
+                                        ("W8A16", "auto-round", "auto-round")],
+                ids=["w8-auto-round", "w4-gptq", "w8-auto-round-rtn-by-auto-round"])
 def moe_run(request, tmp_path_factory):
-    scheme, export = request.param
+    scheme, export, library = request.param
     root = tmp_path_factory.mktemp(f"moe-{export}")
     group = "null" if scheme == "W8A16" else 64
     recipe = root / "recipe.yaml"
     recipe.write_text(f"model: tiny:26b-a4b\nscheme: {scheme}\ngroup_size: {group}\nquantize_experts: true\n"
-                      f"export: {export}\noutput_dir: {root / 'run'}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 4}}\n")
+                      f"library: {library}\nexport: {export}\noutput_dir: {root / 'run'}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 4}}\n")
     return scheme, quantize_run(recipe, card=False), root / "run"
 
 

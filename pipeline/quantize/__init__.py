@@ -46,6 +46,10 @@ def get_backend(recipe: Recipe, tokenizer=None) -> Backend:
         from pipeline.quantize.blockwise_backend import BlockwiseBackend
 
         return BlockwiseBackend(recipe.algorithm)
+    if recipe.backend == "qat-repack":
+        from pipeline.quantize.qat_repack import QATRepackBackend
+
+        return QATRepackBackend()
     raise ValueError(f"no backend {recipe.backend!r}")
 
 

@@ -40,9 +40,11 @@ class LLMCompressorBackend:
             for name, param in model.named_parameters():
                 if name in vectors and not torch.equal(param, vectors[name]):
                     param.copy_(vectors[name])
-        # oneshot unfuses MoE experts into per-expert linears; fuse them back so the export has
-        # the source's layout, the one transformers loads (its per-expert layout loads as random).
-        repack_moe(model)
+        # oneshot unfuses MoE experts into per-expert linears (`experts.<i>.<gate|up|down>_proj`, the
+        # names the plan gives quantized experts). Kept experts are fused back, the layout transformers
+        # loads; quantized ones stay per expert for the packed exports (its fused layout loads as random).
+        if not recipe.quantize_experts:
+            repack_moe(model)
         check_applied({name for name, module in model.named_modules()
                        if getattr(module, "quantization_scheme", None) is not None}, plan)
 
