@@ -376,3 +376,21 @@ def dynamic_cache_bytes(cache: Cache) -> int:
     """Bytes a transformers DynamicCache (or any cache with keys/values tensors per layer) holds."""
     return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
                for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def decode_logits(model, input_ids: torch.Tensor, prefill: int, cache: Cache) -> torch.Tensor:
+    """Prefill `input_ids[:, :prefill]` in one forward, then feed the remaining tokens one at a time as
+    `generate` does; the logits of every decode step (T - prefill, vocab), each read through `cache`."""
+    model(input_ids=input_ids[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    steps = [model(input_ids=input_ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+             for t in range(prefill, input_ids.shape[1])]
+    return torch.stack(steps).float()
+
+
+def next_token_agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """KL(reference ‖ logits) per step (mean and max) and top-1 agreement, over rows of next-token logits."""
+    ref, got = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+            "top1": (ref.argmax(-1) == got.argmax(-1)).float().mean().item()}
