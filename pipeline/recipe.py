@@ -159,6 +159,9 @@ class Recipe(_Strict):
     export: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
+    # fp8: static FP8 KV-cache scales (k_scale/v_scale per attention layer) calibrated during the
+    # quantize pass and exported for `vllm serve --kv-cache-dtype fp8`.
+    kv_cache: Literal["fp8"] | None = None
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     autoround: AutoRoundOptions = Field(default_factory=AutoRoundOptions)
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
@@ -209,11 +212,15 @@ class Recipe(_Strict):
         if self.algorithm not in ALGORITHM_BACKENDS:
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
+        if self.kv_cache and ALGORITHM_BACKENDS[self.algorithm] != "llmcompressor":
+            raise _KeyError("kv_cache", f"FP8 KV-cache scales are calibrated by the RTN pass only in this version; "
+                            f"use algorithm: rtn with kv_cache: fp8, or drop kv_cache for {self.algorithm}")
         return self
 
     @property
     def calibrated(self) -> bool:
-        return self.algorithm != "rtn"
+        """Whether the quantize pass needs calibration data: tuned weights, or KV-cache scales."""
+        return self.algorithm != "rtn" or self.kv_cache is not None
 
     @property
     def bits(self) -> int:

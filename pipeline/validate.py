@@ -32,6 +32,7 @@ from pipeline.run import DIGESTS, EXPORT, MANIFEST, PLAN, library_versions, writ
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
 
 class Quality(BaseModel):
@@ -201,7 +202,7 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str],
-                    digests: dict[str, str] | None = None) -> Structure:
+                    digests: dict[str, str] | None = None, kv_scales: bool = False) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
     module is stored packed (not as a 16-bit weight); nothing else appears; the ignore list fits;
     no tensor changed since export (when its digests are known)."""
@@ -223,6 +224,8 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
             problems.append(f"{where(owner)}: tensor {key} changed since the export was written")
         if owner in quantized and leaf in QUANT_SUFFIXES:
             packed_dtypes[owner] = stored.dtype if leaf == "weight_packed" else packed_dtypes.get(owner)
+        elif kv_scales and leaf in KV_SCALES and f"{owner}.k_proj.weight" in src.files:
+            continue
         elif key not in src.files:
             problems.append(f"{where(owner)}: unexpected tensor {key} in the export")
         elif owner not in quantized:
@@ -243,6 +246,10 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, ignore: list[str
             problems.append(f"{where(name)}: weight_packed is not int32")
         else:
             stored_packed += 1
+    if kv_scales:  # every attention that computes K/V has both scales (KV-shared ones have no k_proj)
+        attentions = {k.removesuffix(".k_proj.weight") for k in src.files if k.endswith(".k_proj.weight")}
+        problems += [f"{where(a)}: {a}.{leaf} is missing from the export"
+                     for a in sorted(attentions) for leaf in KV_SCALES if f"{a}.{leaf}" not in out.files]
     problems += ignore_problems(ignore, plan)
     return Structure(tensors_checked=len(src.files), kept_identical=identical,
                      quantized_stored=stored_packed, problems=problems)
@@ -356,9 +363,11 @@ def validate_run(run_dir: Path) -> EvalReport:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     weights_dir = source_weights_dir(source)
-    ignore = json.loads((export / "config.json").read_text())["quantization_config"].get("ignore", [])
+    qconfig = json.loads((export / "config.json").read_text())["quantization_config"]
+    ignore = qconfig.get("ignore", [])
     digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
-    structure = (check_structure(export, weights_dir, plan, ignore, digests) if weights_dir else
+    structure = (check_structure(export, weights_dir, plan, ignore, digests,
+                                 kv_scales=qconfig.get("kv_cache_scheme") is not None) if weights_dir else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=["the source's weights are not available locally to compare with"]))
     report = EvalReport(
