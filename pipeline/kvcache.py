@@ -312,18 +312,24 @@ class RotorQuantLayer(DynamicLayer):
         packed = sum(p.nbytes() for p in (self.qkeys, self.qvalues) if p is not None)
         return packed + sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+    def _map_packed(self, fn) -> None:
+        """Apply a batch-dimension operation to the packed tokens (beam search, batch expansion)."""
         for name in ("qkeys", "qvalues"):
             p = getattr(self, name)
             if p is not None:
-                idx = beam_idx.to(p.codes.device)
-                setattr(self, name, Packed(p.codes.index_select(0, idx), p.scale.index_select(0, idx),
-                                           p.zero.index_select(0, idx)))
+                setattr(self, name, Packed(fn(p.codes), fn(p.scale), fn(p.zero)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_packed(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("RotorQuantCache does not support batch expansion (contrastive search, "
-                                  "beam expansion after prefill)")
+        super().batch_repeat_interleave(repeats)
+        self._map_packed(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_packed(lambda t: t[indices, ...])
 
 
 class RotorQuantCache(Cache):

@@ -246,3 +246,26 @@ def test_4_bit_cache_on_gemma3_270m_stays_within_a_kl_bound():
     assert results[4]["kl_mean"] < 0.05 and results[4]["top1"] >= 0.9, results
     assert results[2]["kl_mean"] > results[4]["kl_mean"], results  # the bound is not met trivially
     assert math.isfinite(results[2]["kl_mean"])
+
+
+
+
+def _read_back(layer: RotorQuantLayer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What attention would read from `layer` (an update with no new tokens)."""
+    empty = torch.empty(batch, layer.keys.shape[1], 0, layer.keys.shape[-1])
+    return layer.update(empty, empty)
+
+
+def test_batch_reordering_moves_the_packed_tokens_with_the_window():
+    """Beam search and batch expansion reorder the cache along the batch; quantized tokens must follow."""
+    keys, values = torch.randn(3, 2, 20, 64), torch.randn(3, 2, 20, 64)
+    layer = RotorQuantLayer(bits=4, rotation="quaternion", residual_window=4, group_size=32)
+    layer.update(keys, values)
+    read = _read_back(layer, 3)
+    order = torch.tensor([2, 0, 1])
+    layer.reorder_cache(order)
+    assert all(torch.equal(a, b[order]) for a, b in zip(_read_back(layer, 3), read))
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(_read_back(layer, 6)[0], read[0][order].repeat_interleave(2, 0))
+    layer.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(_read_back(layer, 2)[1], read[1][order[[0, 2]]])
