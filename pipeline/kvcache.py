@@ -24,7 +24,7 @@ builds its rotation for its own head dim; KV-shared layers (`num_kv_shared_layer
 layer at all (they read the K/V that their source layer's `update` returned), so nothing is stored
 twice.
 
-    cache = RotorQuantCache(model, bits=4, rotation="quaternion")
+    cache = RotorQuantCache(model, bits=4, rotation="hadamard")
     model.generate(**inputs, past_key_values=cache)
     cache.memory_bytes()
 """
@@ -340,13 +340,14 @@ class RotorQuantCache(Cache):
             `num_kv_shared_layers` decide the layers.
         bits: bits per stored coordinate; `bits_by_layer_type` overrides it per layer type,
             e.g. `{"full_attention": 4, "sliding_attention": 3}`.
-        rotation: one of ROTATIONS.
+        rotation: one of ROTATIONS; the default, a randomized Hadamard, measured near the dense rotation
+            on Gemma 3 270M while the 4-D quaternion blocks did worse than none (benchmarks/RESULTS.md).
         residual_window: most recent tokens per layer kept in full precision.
         group_size: rotated coordinates of one token sharing a scale and minimum (None: the head dim).
         seed: the rotations' seed.
     """
 
-    def __init__(self, model, bits: int = 4, rotation: str = "quaternion", residual_window: int = 128,
+    def __init__(self, model, bits: int = 4, rotation: str = "hadamard", residual_window: int = 128,
                  group_size: int | None = 64, bits_by_layer_type: dict[str, int] | None = None, seed: int = 0):
         config = getattr(model, "config", model).get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)  # drops KV-shared layers
