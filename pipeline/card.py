@@ -63,6 +63,9 @@ def calibration_text(manifest: dict, recipe: Recipe) -> str:
     if not data:
         return CALIBRATION.get(recipe.algorithm, "none recorded in the manifest")
     sources = ", ".join(f"{name} ({count})" for name, count in data["per_source"].items())
+    if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
+        return (f"{data['samples']} × {data['seq_len']} tokens from {sources} (sha256 {data['sha256'][:12]}), "
+                f"for the FP8 KV-cache scales only; the weights are round-to-nearest")
     settings = (f"{recipe.autoround.iters} iterations, batch {recipe.autoround.batch_size}"
                 if recipe.algorithm == "autoround" else
                 f"block {recipe.gptq.block_size}, dampening {recipe.gptq.dampening}, actorder {recipe.gptq.actorder}")

@@ -171,6 +171,9 @@ class Recipe(_Strict):
     export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
+    # fp8: static FP8 KV-cache scales (k_scale/v_scale per attention layer) calibrated during the
+    # quantize pass and exported for `vllm serve --kv-cache-dtype fp8`.
+    kv_cache: Literal["fp8"] | None = None
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     autoround: AutoRoundOptions = Field(default_factory=AutoRoundOptions)
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
@@ -217,7 +220,7 @@ class Recipe(_Strict):
         if self.quantize_experts and self.export == "compressed-tensors":
             raise _KeyError("quantize_experts", "quantized MoE experts need export: auto-round or gptq; transformers "
                             "5.17 loads compressed-tensors' per-expert layout with the experts silently random")
-        if self.quantize_experts and self.calibrated:
+        if self.quantize_experts and self.algorithm in CALIBRATED_ALGORITHMS:
             raise _KeyError("quantize_experts", f"{self.algorithm} does not calibrate MoE experts in this version "
                             f"(experts that see no calibration tokens need a routing strategy); use algorithm: rtn")
         if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
@@ -226,11 +229,18 @@ class Recipe(_Strict):
         if self.algorithm not in ALGORITHM_BACKENDS:
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
+        if self.kv_cache and self.export != "compressed-tensors":
+            raise _KeyError("kv_cache", f"FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
+                            f"--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")
+        if self.kv_cache and self.backend != "llmcompressor":
+            raise _KeyError("kv_cache", f"FP8 KV-cache scales are calibrated by the RTN pass only in this version; "
+                            f"use algorithm: rtn with kv_cache: fp8, or drop kv_cache for {self.algorithm}")
         return self
 
     @property
     def calibrated(self) -> bool:
-        return self.algorithm in CALIBRATED_ALGORITHMS
+        """Whether the quantize pass needs calibration data: tuned weights, or KV-cache scales."""
+        return self.algorithm in CALIBRATED_ALGORITHMS or self.kv_cache is not None
 
     @property
     def bits(self) -> int:

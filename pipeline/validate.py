@@ -37,6 +37,7 @@ from pipeline.run import DIGESTS, EXPORT, MANIFEST, PLAN, library_versions, writ
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
+KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
 
 class Quality(BaseModel):
@@ -219,7 +220,7 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat, config_problems: list[str],
                     digests: dict[str, str] | None = None,
-                    source_rename: Callable[[str], str | None] | None = None) -> Structure:
+                    source_rename: Callable[[str], str | None] | None = None, kv_scales: bool = False) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
     module is stored packed (not as a 16-bit weight); nothing else appears; the config keeps what the
     plan keeps (`config_problems`); no tensor changed since export (when its digests are known)."""
@@ -242,6 +243,8 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
             problems.append(f"{where(owner)}: tensor {key} changed since the export was written")
         if owner in quantized and leaf in fmt.module_tensors:
             packed_dtypes[owner] = stored.dtype if leaf == fmt.packed_weight else packed_dtypes.get(owner)
+        elif kv_scales and leaf in KV_SCALES and f"{owner}.k_proj.weight" in src.files:
+            continue
         elif key not in src.files and (part := fused_source(key)) and part[0] in src.files:
             fused_key, index, proj = part
             if fused_key not in fused:
@@ -273,6 +276,10 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
             problems.append(f"{where(name)}: {fmt.packed_weight} is not int32")
         else:
             stored_packed += 1
+    if kv_scales:  # every attention that computes K/V has both scales (KV-shared ones have no k_proj)
+        attentions = {k.removesuffix(".k_proj.weight") for k in src.files if k.endswith(".k_proj.weight")}
+        problems += [f"{where(a)}: {a}.{leaf} is missing from the export"
+                     for a in sorted(attentions) for leaf in KV_SCALES if f"{a}.{leaf}" not in out.files]
     problems += config_problems
     return Structure(tensors_checked=len(src.files), kept_identical=identical,
                      quantized_stored=stored_packed, problems=problems)
@@ -396,7 +403,8 @@ def validate_run(run_dir: Path) -> EvalReport:
                        else kept_problems({"quantization_config": qconfig}, plan, fmt))
     digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
     rename = text_only.source_key if text_only.wanted(recipe) else None
-    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests, rename) if weights_dir else
+    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests, rename,
+                                  kv_scales=qconfig.get("kv_cache_scheme") is not None) if weights_dir else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=["the source's weights are not available locally to compare with"]))
     report = EvalReport(

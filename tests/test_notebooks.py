@@ -39,7 +39,7 @@ def _python(cell) -> str:
 
 
 def test_the_issue_notebooks_are_there():
-    assert {"01_inspect_model.ipynb", "02_compare_schemes.ipynb"} <= {p.name for p in COMMITTED}
+    assert {"01_inspect_model.ipynb", "02_compare_schemes.ipynb", "03_kv_cache.ipynb"} <= {p.name for p in COMMITTED}
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
@@ -223,3 +223,22 @@ def test_compare_schemes_on_real_gemma3_270m(run_notebook):
     assert quality["rtn-w8a16"]["kl_mean"] < quality["rtn-w4a16"]["kl_mean"]
     assert quality["rtn-w8a16"]["top1_agreement"] >= 0.9
     assert "gguf:gemma3-270m" in _text(nb)
+
+
+
+def test_kv_cache_notebook_generates_on_gemma3_270m_and_tabulates_memory_and_quality(run_notebook):
+    import csv
+
+    nb, scratch = run_notebook("03_kv_cache.ipynb")
+    shown = _text(nb)
+    assert "gguf:gemma3-270m: 18 layers" in shown and "4-bit, Hadamard:" in shown
+    with (scratch.parent / "work" / "kv_cache_table.csv").open() as f:  # the kernel's working directory
+        table = list(csv.DictReader(f))
+    assert len(table) == 6  # BITS × ROTATIONS of the parameters cell
+    by = {(int(r["bits"]), r["rotation"]): r for r in table}
+    for rotation in ("none", "quaternion", "hadamard"):
+        two, four = by[(2, rotation)], by[(4, rotation)]
+        assert float(two["vs DynamicCache"]) < float(four["vs DynamicCache"]) < 0.5  # packed bits, real memory
+        assert float(four["kl_mean"]) < float(two["kl_mean"])
+        assert f"{int(four['KV bytes']):,}" in shown
+    assert float(by[(4, "hadamard")]["kl_mean"]) < 0.05 and float(by[(4, "hadamard")]["top1"]) >= 0.8
