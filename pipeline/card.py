@@ -325,6 +325,11 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
                      f"{params / facts.arch.total_params:.0%} of the model) are stored in BF16: RTN through "
                      "llmcompressor cannot quantize fused 3-D expert weights in a layout transformers loads, "
                      "so this checkpoint is much larger than a fully 4-bit one.")
+    if plan.mixed:
+        mix = ", ".join(f"{scheme.label} × {len(names)}" for scheme, names in plan.schemes().items())
+        notes.append(f"Mixed precision (the recipe's `overrides:`): {mix} modules; the scheme above is the default "
+                     "for modules no rule selects. Each scheme is one compressed-tensors config group.")
+        notes += [f"Serving: {note}." for note in plan.serving_notes()]
     shape = next((g for g in facts.kept if g.label == "shape"), None)
     if shape:
         notes.append(f"{shape.modules} decoder linear layers stay BF16 because the scheme cannot take their input "

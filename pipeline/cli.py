@@ -26,8 +26,9 @@ def show_plan(plan) -> None:
     for col in ("component", "layer type", "module", "n", "params", "fate", "BF16", "export", "why kept"):
         table.add_column(col, justify="right" if col in ("n", "params", "BF16", "export") else "left")
     for row in plan.summary():
+        fate = row["scheme"] if plan.mixed and row["scheme"] else row["fate"]
         table.add_row(row["component"], row["layer_type"], row["submodule"], str(row["count"]), f"{row['params']:,}",
-                      row["fate"], _gb(row["bf16_bytes"]), _gb(row["export_bytes"]), row["reason"])
+                      fate, _gb(row["bf16_bytes"]), _gb(row["export_bytes"]), row["reason"])
     console.print(table)
     from pipeline.plan import WHY_KEPT
 
@@ -37,6 +38,13 @@ def show_plan(plan) -> None:
     counts = plan.counts()
     console.print(f"linear layers: {counts['linear']} ({counts['quantized']} quantized, {counts['kept']} kept); "
                   f"parameters: {plan.total_params:,}")
+    if plan.mixed:
+        by_name = {m.name: m for m in plan.modules}
+        for scheme, names in plan.schemes().items():
+            console.print(f"  {scheme.label}: {len(names)} modules, "
+                          f"{_gb(sum(by_name[n].export_bytes for n in names))}")
+        for note in plan.serving_notes():
+            console.print(f"  [yellow]serving: {note}[/]")
     console.print(f"estimated size: {_gb(plan.export_bytes)} vs {_gb(plan.bf16_bytes)} BF16 "
                   f"({plan.export_bytes / plan.bf16_bytes:.1%})")
 

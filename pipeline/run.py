@@ -73,7 +73,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
     source = resolve(recipe.model)
     config = load_config(source)
     check_against_config(recipe, text_config(config), recipe_path)
-    return source, config, build_plan(build_meta_model(config), config, recipe)
+    return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
 
 
 def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
