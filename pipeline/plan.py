@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from pipeline.overrides import WeightScheme, default_scheme, resolve
 from pipeline.recipe import VLLM_BITS, Recipe
@@ -94,6 +94,14 @@ class Plan(BaseModel):
     symmetric: bool
     modules: list[ModuleFate]
     other_params: int
+
+    @model_validator(mode="after")
+    def _per_module_schemes(self) -> Plan:
+        """Plans written before per-module schemes existed: every quantized module has the plan's."""
+        for m in self.modules:
+            if m.quantize and m.bits is None:
+                m.bits, m.group_size, m.symmetric = self.bits, self.group_size, self.symmetric
+        return self
 
     @property
     def quantized(self) -> list[ModuleFate]:

@@ -56,6 +56,8 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("mlp3-attn4", "int3 MLP, int4 attention projections", "W4A16", [{"submodule": "mlp", "bits": 3}]),
     Policy("mlp3-attn8", "int3 MLP, int8 attention projections", "W4A16",
            [{"submodule": "mlp", "bits": 3}, {"submodule": "attention", **INT8_CHANNEL}]),
+    Policy("attn8-full8", "int8 attention and full-attention layers, int4 sliding-window MLP", "W4A16",
+           [{"submodule": "attention", **INT8_CHANNEL}, {"layer_type": "full_attention", **INT8_CHANNEL}]),
 ]}
 DEFAULT_POLICIES = ("uniform-8", "uniform-4", "uniform-3", "sliding3-full4", "sliding4-full8", "mlp4-attn8",
                     "mlp3-attn4")

@@ -209,3 +209,13 @@ def test_calibrated_mixed_export_uses_each_modules_grid(write_recipe, algorithm)
             assert -(2 ** (m.bits - 1)) <= ints.min() and ints.max() <= 2 ** (m.bits - 1) - 1, m.name
             levels = ints.unique().numel()
             assert levels <= 2 ** m.bits and (m.bits < 8 or levels > 16), (m.name, levels)
+
+
+def test_a_plan_written_before_per_module_schemes_loads_with_the_plan_scheme(tmp_path):
+    plan, _ = _plan("e2b", [])
+    data = json.loads(plan.model_dump_json())
+    for m in data["modules"]:
+        del m["bits"], m["group_size"], m["symmetric"]
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    old = Plan.load(tmp_path / "plan.json")
+    assert old == plan and not old.mixed
