@@ -120,6 +120,8 @@ class CardFacts(BaseModel):
     quantized_params: int
     kept: list[KeptGroup]
     other_params: int
+    mix: dict[str, int] = {}  # scheme label → modules, when `overrides:` mixed schemes
+    mix_bits: str = ""  # e.g. "8/4"
     status: Literal["passed", "failed", "not validated"]
     failures: list[str]
     measured: Measured | None
@@ -181,6 +183,9 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
         license=license_facts(manifest, recipe, source),
         limitations=[],
     )
+    if plan.mixed:
+        facts.mix = {scheme.label: len(names) for scheme, names in plan.schemes().items()}
+        facts.mix_bits = "/".join(map(str, sorted({s.bits for s in plan.schemes()}, reverse=True)))
     facts.limitations = limitations(facts, plan)
     return facts
 

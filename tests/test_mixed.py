@@ -161,7 +161,7 @@ def test_mixed_export_reloads_and_stores_the_planned_bits(write_recipe, variant)
         overrides.append({"submodule": "ple", "layers": "0-3", "bits": 8, "group_size": None})
     path = write_recipe(f"mixed-{variant}", model=f"tiny:{variant}", scheme="W4A16", group_size=64,
                         overrides=overrides, eval={"samples": 2, "seq_len": 64, "max_new_tokens": 2})
-    manifest = quantize_run(path, card=False)
+    manifest = quantize_run(path)
     run = load_recipe(path).run_dir
     # Reloaded with transformers: every key accounted for, logits equal to the in-memory quantized model's.
     assert manifest["status"] == "validated"
@@ -187,6 +187,11 @@ def test_mixed_export_reloads_and_stores_the_planned_bits(write_recipe, variant)
     # Measured bits per quantized parameter: the weights' own bits plus scales (and zero points).
     assert expected_bits < eval_report["sizes"]["bits_per_quantized_param"] < expected_bits + 1.2
     assert abs(manifest["sizes"]["export_weights_bytes"] - plan.export_bytes) / plan.export_bytes < 0.02
+    # The model card says what is mixed and what vLLM cannot serve.
+    card = (run / "export" / "README.md").read_text()
+    assert "quantized to mixed 8/4/3/2-bit integers (W4A16 by default" in card
+    assert f"| mixed precision | {', '.join(f'{s.label} × {len(n)}' for s, n in plan.schemes().items())} modules" in card
+    assert "int2/int3 weights: vLLM's kernels serve int4 and int8 only" in card
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "autoround"])

@@ -44,3 +44,18 @@ def test_sweep_policy_names_are_checked():
         resolve_policies(None, [5], recipe)
     own = resolve_policies(["recipe"], None, recipe)[0]
     assert own.overrides == [{"layer_type": ["full_attention"], "bits": 8, "group_size": None}]
+
+
+@pytest.mark.slow
+def test_shipped_mixed_policy_beats_uniform_int4_on_real_weights(tmp_path):
+    """The real Gemma 3 270M: the shipped attn8-full8 mix against uniform int4 RTN (about 1 minute idle)."""
+    from pipeline.recipe import RECIPES_DIR, load_recipe
+    from pipeline.sweep import run_sweep
+
+    recipe = load_recipe(RECIPES_DIR / "gemma3-270m-mixed-attn8-full8.yaml")
+    results = run_sweep(RECIPES_DIR / "gemma3-270m-mixed-attn8-full8.yaml",
+                        resolve_policies(["uniform-4", "recipe"], None, recipe), tmp_path, 2, 256)
+    uniform, mixed = results
+    assert mixed.kl_mean < 0.6 * uniform.kl_mean and mixed.top1_agreement > uniform.top1_agreement
+    assert uniform.weights_bytes < mixed.weights_bytes < 1.1 * uniform.weights_bytes
+    assert mixed.weight_error["full_attention"] < 0.02 < uniform.weight_error["full_attention"]
