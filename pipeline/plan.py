@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, model_validator
 
-from pipeline.overrides import WeightScheme, default_scheme, resolve
+from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
 from pipeline.recipe import VLLM_BITS, Recipe
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
@@ -223,7 +223,8 @@ def _skip_match(name: str, patterns: list[str]) -> str | None:
     return None
 
 
-def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe, resolution) -> tuple[bool, str]:
+def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe,
+                 resolution: Resolution | None) -> tuple[bool, str]:
     if (pattern := _skip_match(name, recipe.skip)) is not None:
         return False, f"recipe: skip {pattern}"
     if resolution is not None and resolution.skipped_by is not None:
