@@ -54,7 +54,7 @@ def test_shipped_mixed_policy_beats_uniform_int4_on_real_weights(tmp_path):
 
     recipe = load_recipe(RECIPES_DIR / "gemma3-270m-mixed-attn8-full8.yaml")
     results = run_sweep(RECIPES_DIR / "gemma3-270m-mixed-attn8-full8.yaml",
-                        resolve_policies(["uniform-4", "recipe"], None, recipe), tmp_path, 2, 256)
+                        resolve_policies(["uniform-4", "recipe"], None, recipe), tmp_path, 2, 128)
     uniform, mixed = results
     assert mixed.kl_mean < 0.6 * uniform.kl_mean and mixed.top1_agreement > uniform.top1_agreement
     assert uniform.weights_bytes < mixed.weights_bytes < 1.1 * uniform.weights_bytes
