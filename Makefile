@@ -4,7 +4,7 @@ PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
 
-.PHONY: setup plan quantize card publish test notebooks clean
+.PHONY: setup plan quantize sweep card publish test notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ plan: setup
 
 quantize: setup
 	$(BIN)/gemma-quant quantize $(RECIPE)
+
+# make sweep RECIPE=gemma3-270m-w4a16 [POLICIES=uniform-4,sliding3-full4] [BITS=8,4,3]
+# → runs/<recipe>/sweep/{sweep.md, sweep.png, sweep.json}
+sweep: setup
+	$(BIN)/gemma-quant sweep $(RECIPE) $(if $(POLICIES),--policies $(POLICIES)) $(if $(BITS),--bits $(BITS))
 
 card: setup
 	$(BIN)/gemma-quant card $(RECIPE)

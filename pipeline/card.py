@@ -146,6 +146,8 @@ class CardFacts(BaseModel):
     quantized_params: int
     kept: list[KeptGroup]
     other_params: int
+    mix: dict[str, int] = {}  # scheme label → modules, when `overrides:` mixed schemes
+    mix_bits: str = ""  # e.g. "8/4"
     status: Literal["passed", "failed", "not validated"]
     failures: list[str]
     measured: Measured | None
@@ -209,6 +211,9 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
         limitations=[],
         dropped_towers=(manifest.get("modalities") or {}).get("dropped_params") or {},
     )
+    if plan.mixed:
+        facts.mix = {scheme.label: len(names) for scheme, names in plan.schemes().items()}
+        facts.mix_bits = "/".join(map(str, sorted({s.bits for s in plan.schemes()}, reverse=True)))
     facts.limitations = limitations(facts, plan)
     return facts
 
@@ -353,6 +358,11 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
                      f"{params / facts.arch.total_params:.0%} of the model) are stored in BF16: RTN through "
                      "llmcompressor cannot quantize fused 3-D expert weights in a layout transformers loads, "
                      "so this checkpoint is much larger than a fully 4-bit one.")
+    if plan.mixed:
+        mix = ", ".join(f"{scheme.label} × {len(names)}" for scheme, names in plan.schemes().items())
+        notes.append(f"Mixed precision (the recipe's `overrides:`): {mix} modules; the scheme above is the default "
+                     "for modules no rule selects. Each scheme is one compressed-tensors config group.")
+        notes += [f"Serving: {note}." for note in plan.serving_notes()]
     shape = next((g for g in facts.kept if g.label == "shape"), None)
     if shape:
         notes.append(f"{shape.modules} decoder linear layers stay BF16 because the scheme cannot take their input "

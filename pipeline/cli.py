@@ -26,8 +26,9 @@ def show_plan(plan) -> None:
     for col in ("component", "layer type", "module", "n", "params", "fate", "BF16", "export", "why kept"):
         table.add_column(col, justify="right" if col in ("n", "params", "BF16", "export") else "left")
     for row in plan.summary():
+        fate = row["scheme"] if plan.mixed and row["scheme"] else row["fate"]
         table.add_row(row["component"], row["layer_type"], row["submodule"], str(row["count"]), f"{row['params']:,}",
-                      row["fate"], _gb(row["bf16_bytes"]), _gb(row["export_bytes"]), row["reason"])
+                      fate, _gb(row["bf16_bytes"]), _gb(row["export_bytes"]), row["reason"])
     console.print(table)
     from pipeline.plan import WHY_KEPT
 
@@ -37,6 +38,13 @@ def show_plan(plan) -> None:
     counts = plan.counts()
     console.print(f"linear layers: {counts['linear']} ({counts['quantized']} quantized, {counts['kept']} kept); "
                   f"parameters: {plan.total_params:,}")
+    if plan.mixed:
+        by_name = {m.name: m for m in plan.modules}
+        for scheme, names in plan.schemes().items():
+            console.print(f"  {scheme.label}: {len(names)} modules, "
+                          f"{_gb(sum(by_name[n].export_bytes for n in names))}")
+        for note in plan.serving_notes():
+            console.print(f"  [yellow]serving: {note}[/]")
     console.print(f"estimated size: {_gb(plan.export_bytes)} vs {_gb(plan.bf16_bytes)} BF16 "
                   f"({plan.export_bytes / plan.bf16_bytes:.1%})")
 
@@ -134,6 +142,30 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.sweep import resolve_policies, run_sweep
+
+    recipe = load_recipe(args.recipe)
+    policies = resolve_policies(args.policies, args.bits, recipe)
+    out_dir = args.run_dir / "sweep" if args.run_dir else None
+    results = run_sweep(args.recipe, policies, out_dir, args.eval_samples, args.eval_seq_len)
+    out_dir = out_dir or recipe.run_dir / "sweep"
+    table = Table(title=f"sweep: {recipe.model.id}, {recipe.algorithm}")
+    for col in ("policy", "weights", "bits/param", "weight error (all)", "KL mean", "top-1"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results:
+        table.add_row(r.policy, _gb(r.weights_bytes), f"{r.bits_per_quantized_param:.2f}",
+                      f"{r.weight_error['all']:.3f}", f"{r.kl_mean:.4f}", f"{r.top1_agreement:.3f}")
+    console.print(table)
+    console.print(f"table: {out_dir / 'sweep.md'}, plot: {out_dir / 'sweep.png'}")
+    return 0
+
+
+def _csv(kind):
+    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
+
+
 def show_eval(run_dir: Path) -> None:
     from pipeline.validate import EVAL_JSON
 
@@ -178,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--no-reload-check", action="store_true")
     quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     quantize.add_argument("--no-card", action="store_true", help="do not write the model card (export/README.md)")
+    sweep = verbs.add_parser("sweep", help="compare mixed-precision policies on the recipe's model: size, "
+                                           "weight error per layer type, KL and top-1 (table and plot)")
+    sweep.add_argument("recipe", help="recipe name in recipes/ or a path to a YAML file")
+    sweep.add_argument("--policies", type=_csv(str), default=None,
+                       help="comma-separated policy names (default: a standard set; `recipe`: the recipe as written)")
+    sweep.add_argument("--bits", type=_csv(int), default=None, help="uniform policies at these widths, e.g. 8,4,3")
+    sweep.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's run directory (+ /sweep)")
+    sweep.add_argument("--eval-samples", type=int, default=None, help="held-out windows (default: the recipe's eval)")
+    sweep.add_argument("--eval-seq-len", type=int, default=None, help="tokens per window (default: the recipe's eval)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
@@ -196,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
         return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate, "card": cmd_card,
-                "publish": cmd_publish}[args.verb](args) or 0
+                "publish": cmd_publish, "sweep": cmd_sweep}[args.verb](args) or 0
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {err}", highlight=False)
         return 2

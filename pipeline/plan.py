@@ -13,9 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
-from pipeline.recipe import Recipe
+from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
+from pipeline.recipe import VLLM_BITS, Recipe
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
                     "moe_router", "moe_experts", "other"]
@@ -73,6 +74,16 @@ class ModuleFate(BaseModel):
     tied_to: str | None = None  # shares its weight with another module (stored once)
     bf16_bytes: int
     export_bytes: int
+    # How a quantized module is stored (the recipe's scheme unless an `overrides:` rule changed it);
+    # None for modules kept in BF16.
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+
+    @property
+    def scheme(self) -> WeightScheme | None:
+        return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric) \
+            if self.quantize else None
 
 
 class Plan(BaseModel):
@@ -84,9 +95,52 @@ class Plan(BaseModel):
     modules: list[ModuleFate]
     other_params: int
 
+    @model_validator(mode="after")
+    def _per_module_schemes(self) -> Plan:
+        """Plans written before per-module schemes existed: every quantized module has the plan's."""
+        for m in self.modules:
+            if m.quantize and m.bits is None:
+                m.bits, m.group_size, m.symmetric = self.bits, self.group_size, self.symmetric
+        return self
+
     @property
     def quantized(self) -> list[ModuleFate]:
         return [m for m in self.modules if m.quantize]
+
+    @property
+    def default_scheme(self) -> WeightScheme:
+        return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def schemes(self) -> dict[WeightScheme, list[str]]:
+        """Quantized module names by scheme, the most common scheme first: the export's config groups."""
+        groups: dict[WeightScheme, list[str]] = defaultdict(list)
+        for m in self.quantized:
+            groups[m.scheme].append(m.name)
+        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0].bits, kv[0].group_size or 0)))
+
+    @property
+    def mixed(self) -> bool:
+        """Some quantized module is stored otherwise than the recipe's scheme."""
+        return any(scheme != self.default_scheme for scheme in self.schemes())
+
+    def serving_notes(self) -> list[str]:
+        """What vLLM cannot serve in this mix: bit widths without a Marlin kernel, and projections it
+        fuses into one layer (q/k/v, gate/up) stored with different schemes."""
+        notes = []
+        odd = sorted({s.bits for s in self.schemes()} - set(VLLM_BITS))
+        if odd:
+            notes.append(f"int{'/int'.join(map(str, odd))} weights: vLLM's kernels serve int4 and int8 only; "
+                         "transformers loads this checkpoint")
+        fused: dict[tuple, set] = defaultdict(set)
+        for m in self.quantized:
+            for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                if m.submodule in group:
+                    fused[(m.name.rsplit(".", 1)[0], group)].add(m.scheme)
+        split = sorted(f"{parent}.{'/'.join(group)}" for (parent, group), s in fused.items() if len(s) > 1)
+        if split:
+            notes.append(f"{len(split)} fused projections mix schemes (vLLM fuses them into one layer and needs "
+                         f"one scheme), e.g. {split[0]}")
+        return notes
 
     @property
     def ignore(self) -> list[str]:
@@ -120,14 +174,16 @@ class Plan(BaseModel):
         rows: dict[tuple, dict] = defaultdict(lambda: {"count": 0, "params": 0, "bf16_bytes": 0, "export_bytes": 0})
         for m in self.modules:
             decoder = m.component == "text_decoder"
-            key = (m.component, (m.layer_type or "-") if decoder else "-", m.submodule if decoder else "*", "quantize" if m.quantize else "keep", m.reason)
+            fate = m.scheme.label if m.quantize else "keep"
+            key = (m.component, (m.layer_type or "-") if decoder else "-", m.submodule if decoder else "*", fate, m.reason)
             row = rows[key]
             row["count"] += 1
             row["params"] += 0 if m.tied_to else m.params
             row["bf16_bytes"] += m.bf16_bytes
             row["export_bytes"] += m.export_bytes
         return [
-            {"component": c, "layer_type": t, "submodule": s, "fate": f, "reason": r, **v}
+            {"component": c, "layer_type": t, "submodule": s, "fate": "keep" if f == "keep" else "quantize",
+             "scheme": "" if f == "keep" else f, "reason": r, **v}
             for (c, t, s, f, r), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "text_decoder", kv[0]))
         ]
 
@@ -172,44 +228,42 @@ def _skip_match(name: str, patterns: list[str]) -> str | None:
     return None
 
 
-def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe) -> tuple[bool, str]:
+def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe,
+                 resolution: Resolution | None) -> tuple[bool, str]:
     if (pattern := _skip_match(name, recipe.skip)) is not None:
         return False, f"recipe: skip {pattern}"
-    if component not in ("text_decoder", "moe_experts"):
+    if resolution is not None and resolution.skipped_by is not None:
+        return False, f"recipe: overrides.{resolution.skipped_by} skip"
+    if component not in ("text_decoder", "moe_experts") and not (resolution and resolution.rules):
         return False, KEEP_REASONS[component]
+    scheme = resolution.scheme if resolution else default_scheme(recipe)
     in_features = shape[1]
-    if recipe.group_size and in_features % recipe.group_size:
-        return False, f"shape: in {in_features} % group {recipe.group_size} != 0"
-    if (in_features * recipe.bits) % 32:
-        return False, f"shape: in {in_features} x {recipe.bits} bits % 32 != 0"
-    if recipe.export != "compressed-tensors" and (shape[0] * recipe.bits) % 32:  # GPTQ packs zeros along out
-        return False, f"shape: out {shape[0]} x {recipe.bits} bits % 32 != 0"
+    if scheme.group_size and in_features % scheme.group_size:
+        return False, f"shape: in {in_features} % group {scheme.group_size} != 0"
+    if (in_features * scheme.bits) % 32:
+        return False, f"shape: in {in_features} x {scheme.bits} bits % 32 != 0"
+    if recipe.export != "compressed-tensors" and (shape[0] * scheme.bits) % 32:  # GPTQ packs zeros along out
+        return False, f"shape: out {shape[0]} x {scheme.bits} bits % 32 != 0"
     return True, ""
 
 
-def _per_expert_fates(name: str, experts, recipe: Recipe, layer_types: list[str]) -> list[ModuleFate]:
+def _per_expert_fates(name: str, experts, layer_types: list[str]) -> list[ModuleFate]:
     """Fused experts as the per-expert Linears the quantizers and the packed exports address:
     `<name>.<i>.gate_proj` / `up_proj` [I, H] (the halves of gate_up_proj [E, 2I, H]) and
-    `<name>.<i>.down_proj` [H, I]."""
+    `<name>.<i>.down_proj` [H, I]. Their fate is decided with every other Linear's."""
     num_experts, two_i, hidden = experts.gate_up_proj.shape
     shapes = {"gate_proj": [two_i // 2, hidden], "up_proj": [two_i // 2, hidden], "down_proj": [hidden, two_i // 2]}
     layer = int(_LAYER_INDEX.search(name).group(1))
-    fates = []
-    for index in range(num_experts):
-        for proj, shape in shapes.items():
-            numel = shape[0] * shape[1]
-            quantize, reason = _linear_fate(f"{name}.{index}.{proj}", "moe_experts", shape, recipe)
-            fates.append(ModuleFate(
-                name=f"{name}.{index}.{proj}", component="moe_experts", kind="linear", shape=shape, params=numel,
-                layer=layer, layer_type=layer_types[layer] if layer < len(layer_types) else None, submodule=proj,
-                quantize=quantize, reason=reason, bf16_bytes=2 * numel,
-                export_bytes=quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric,
-                                             recipe.export) if quantize else 2 * numel,
-            ))
-    return fates
+    return [ModuleFate(name=f"{name}.{index}.{proj}", component="moe_experts", kind="linear", shape=shape,
+                       params=shape[0] * shape[1], layer=layer,
+                       layer_type=layer_types[layer] if layer < len(layer_types) else None, submodule=proj,
+                       quantize=False, bf16_bytes=2 * shape[0] * shape[1], export_bytes=2 * shape[0] * shape[1])
+            for index in range(num_experts) for proj, shape in shapes.items()]
 
 
-def build_plan(meta_model, config, recipe: Recipe) -> Plan:
+def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe>") -> Plan:
+    """Every module's fate; `source` (the recipe file) names where an `overrides:` rule that does
+    not fit this model came from."""
     import torch
 
     layer_types = getattr(config.get_text_config(), "layer_types", None) or []
@@ -230,7 +284,7 @@ def build_plan(meta_model, config, recipe: Recipe) -> Plan:
             continue
         params = [p for p in module.parameters(recurse=False)]
         if kind == "experts" and recipe.quantize_experts:
-            fates += _per_expert_fates(name, module, recipe, layer_types)
+            fates += _per_expert_fates(name, module, layer_types)
             covered.update(id(p) for p in params)
             continue
         weight = module.weight if kind != "experts" else None
@@ -239,22 +293,31 @@ def build_plan(meta_model, config, recipe: Recipe) -> Plan:
         owner = first_owner[id(weight)] if weight is not None else name
         tied_to = owner if owner != name else None
         component = component_of(name)
-        quantize, reason = _linear_fate(name, component, shape, recipe) if kind == "linear" else (False, KEEP_REASONS[component])
-        if tied_to:
-            reason = f"{reason} (tied, stored once)"
         match = _LAYER_INDEX.search(name)
         layer = int(match.group(1)) if match and component in ("text_decoder", "ple", "moe_router", "moe_experts") else None
         bf16 = 0 if tied_to else 2 * numel
-        export = (quantized_bytes(shape[0], shape[1], recipe.bits, recipe.group_size, recipe.symmetric, recipe.export)
-                  + 2 * (numel - shape[0] * shape[1])) if quantize else bf16
         parts = name.split(".")
         fates.append(ModuleFate(
             name=name, component=component, kind=kind, shape=shape, params=numel, layer=layer,
             layer_type=layer_types[layer] if layer is not None and layer < len(layer_types) else None,
             submodule=parts[-2] if parts[-1] == "linear" else parts[-1],
-            quantize=quantize, reason=reason, tied_to=tied_to, bf16_bytes=bf16, export_bytes=export,
+            quantize=False, tied_to=tied_to, bf16_bytes=bf16, export_bytes=bf16,
         ))
         covered.update(id(p) for p in params)
+
+    resolved = resolve(recipe, fates, config.get_text_config().num_hidden_layers, source)
+    for m in fates:
+        resolution = resolved.get(m.name)
+        m.quantize, m.reason = _linear_fate(m.name, m.component, m.shape, recipe, resolution) \
+            if m.kind == "linear" else (False, KEEP_REASONS[m.component])
+        if m.tied_to:
+            m.reason = f"{m.reason} (tied, stored once)"
+        if m.quantize:
+            scheme = resolution.scheme if resolution else default_scheme(recipe)
+            m.bits, m.group_size, m.symmetric = scheme.bits, scheme.group_size, scheme.symmetric
+            m.export_bytes = (quantized_bytes(m.shape[0], m.shape[1], scheme.bits, scheme.group_size, scheme.symmetric,
+                                              recipe.export)
+                              + 2 * (m.params - m.shape[0] * m.shape[1]))
 
     other = sum(p.numel() for p in meta_model.parameters() if id(p) not in covered)
     # Persistent buffers are saved in the checkpoint too (e.g. the vision/audio clip bounds).

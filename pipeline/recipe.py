@@ -9,7 +9,7 @@ Every failure is a `RecipeError` naming the file, the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,17 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 Scheme = Literal["W4A16", "W8A16"]
 SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
+# Bit widths an override may set: compressed-tensors' pack-quantized format stores any int width
+# 1..8 and transformers reloads it; vLLM's Marlin kernels serve 4 and 8 only (the card says so).
+OVERRIDE_BITS = (2, 3, 4, 8)
+VLLM_BITS = (4, 8)
+LAYER_TYPES = ("sliding_attention", "full_attention")
+# Sub-modules an override can name, and the names that stand for several.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+PLE = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
+SUBMODULE_GROUPS = {"attention": ATTENTION, "mlp": MLP, "ple": PLE}
+SUBMODULES = (*ATTENTION, *MLP, *PLE)
 # What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
 # recipes can be written for them; `available_algorithms` says which this version executes.
 ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise", "qat-repack": "qat-repack"}
@@ -42,6 +53,12 @@ class RecipeError(ValueError):
     def __init__(self, source: str | Path, key: str, message: str):
         self.source, self.key = str(source), key
         super().__init__(f"{source}: {key}: {message}")
+
+
+def _check_group_size(value: int | None) -> int | None:
+    if value is not None and value not in GROUP_SIZES:
+        raise ValueError(f"got {value}; allowed: {', '.join(map(str, GROUP_SIZES))}, or null for per-channel")
+    return value
 
 
 class _Strict(BaseModel):
@@ -153,6 +170,95 @@ class HubSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+class Override(_Strict):
+    """One `overrides:` rule: which modules (every selection key given must match) and what to set.
+    Rules apply in order, later rules win; modules no rule selects keep the recipe's scheme.
+    PLE linears (BF16 by default) are selected only by rules that name them under `submodule`."""
+
+    layer_type: list[Literal["sliding_attention", "full_attention"]] | None = None
+    submodule: list[str] | None = None
+    layers: list[int] | None = None  # "0-7", "0-3,10", 5 or [0, 5]
+    regex: str | None = None  # full match on the module name
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: int | None = None  # null: one scale per output channel (when the key is given)
+    symmetric: bool | None = None
+    skip: bool = False
+
+    SELECTORS: ClassVar[tuple[str, ...]] = ("layer_type", "submodule", "layers", "regex")
+
+    @field_validator("layer_type", "submodule", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("submodule")
+    @classmethod
+    def _known_submodules(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = []
+        for name in value:
+            if name == "experts":
+                raise ValueError("fused MoE experts are 3-D parameters that stay BF16 in this version; "
+                                 f"allowed: {', '.join((*SUBMODULE_GROUPS, *SUBMODULES))}")
+            if name not in SUBMODULES and name not in SUBMODULE_GROUPS:
+                raise ValueError(f"unknown sub-module; allowed: {', '.join((*SUBMODULE_GROUPS, *SUBMODULES))}")
+            names += SUBMODULE_GROUPS.get(name, (name,))
+        return names
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_ranges(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if not isinstance(value, str):
+            return value
+        indices = []
+        for part in value.replace(" ", "").split(","):
+            first, _, last = part.partition("-")
+            if not first.isdigit() or last and not last.isdigit() or last and int(last) < int(first):
+                raise ValueError(f"got {value!r}; expected layer indices or ranges like \"0-7\" or \"0-3,10\"")
+            indices += range(int(first), int(last or first) + 1)
+        return indices
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a valid regular expression ({err})") from None
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        return _check_group_size(value)
+
+    @model_validator(mode="after")
+    def _selects_and_sets(self) -> Override:
+        given = self.model_fields_set
+        if not given & set(self.SELECTORS):
+            raise _KeyError("", "a rule needs at least one selection key: "
+                            f"{', '.join(self.SELECTORS)}; without one it would select every module")
+        if self.skip and given & {"bits", "group_size", "symmetric"}:
+            key = next(k for k in ("bits", "group_size", "symmetric") if k in given)
+            raise _KeyError(key, "conflicts with skip: true (a skipped module stays BF16); "
+                            "remove one of them or split the rule")
+        if not self.skip and not given & {"bits", "group_size", "symmetric"}:
+            raise _KeyError("bits", "the rule sets nothing: give bits, group_size, symmetric or skip: true")
+        return self
+
+    @property
+    def sets(self) -> set[str]:
+        """The scheme fields this rule decides (skip decides all of them)."""
+        return {"bits", "group_size", "symmetric"} if self.skip else \
+            self.model_fields_set & {"bits", "group_size", "symmetric"}
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
@@ -180,6 +286,7 @@ class Recipe(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     gates: Gates = Field(default_factory=Gates)
     hub: HubSpec = Field(default_factory=HubSpec)
+    overrides: list[Override] = Field(default_factory=list)  # per-module bits/group/symmetric/skip
 
     @field_validator("model", mode="before")
     @classmethod
@@ -189,9 +296,7 @@ class Recipe(_Strict):
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int | None) -> int | None:
-        if value is not None and value not in GROUP_SIZES:
-            raise ValueError(f"got {value}; allowed: {', '.join(map(str, GROUP_SIZES))}, or null for per-channel")
-        return value
+        return _check_group_size(value)
 
     @field_validator("skip")
     @classmethod
@@ -217,6 +322,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
+        if self.export != "compressed-tensors" and any(not rule.skip for rule in self.overrides):
+            raise _KeyError("export", f"the {self.export} format holds one bit width, group size and symmetry for "
+                            "every module (overrides: sets them per module); use export: compressed-tensors, which "
+                            "stores one config group per scheme")
         if self.quantize_experts and self.export == "compressed-tensors":
             raise _KeyError("quantize_experts", "quantized MoE experts need export: auto-round or gptq; transformers "
                             "5.17 loads compressed-tensors' per-expert layout with the experts silently random")
@@ -301,8 +410,8 @@ def _recipe_error(err: ValidationError, source: str | Path) -> RecipeError:
     first = err.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "recipe"
     ctx_error = first.get("ctx", {}).get("error")
-    if isinstance(ctx_error, _KeyError):
-        return RecipeError(source, ctx_error.key, str(ctx_error))
+    if isinstance(ctx_error, _KeyError):  # its key is relative to where the validator ran
+        return RecipeError(source, ".".join(p for p in [*map(str, first["loc"]), ctx_error.key] if p), str(ctx_error))
     if first["type"] == "extra_forbidden":
         allowed = sorted(_fields_at(first["loc"][:-1]))
         return RecipeError(source, key, f"unknown key; allowed keys here: {', '.join(allowed)}")
@@ -317,7 +426,10 @@ def _recipe_error(err: ValidationError, source: str | Path) -> RecipeError:
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
+        if isinstance(part, int):  # an item of a list of models
+            continue
         annotation = model.model_fields[part].annotation
+        annotation = next(iter(get_args(annotation)), annotation) if get_origin(annotation) is list else annotation
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
     return list(model.model_fields)
 

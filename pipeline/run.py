@@ -75,7 +75,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
     check_against_config(recipe, text_config(config), recipe_path)
     if text_only.wanted(recipe):
         config = text_only.text_only_config(config)
-    return source, config, build_plan(build_meta_model(config), config, recipe)
+    return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
 
 
 def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.recipe import Recipe
 
@@ -147,19 +148,19 @@ def advance(layer, index: int, cal: Calibration, chain: str) -> None:
 # ---------------------------------------------------------------- algorithms
 
 
-def _grid_args(recipe: Recipe):
-    from pipeline.quantize.llmcompressor_backend import quantization_scheme
+def _grid_args(scheme: WeightScheme):
+    from pipeline.quantize.llmcompressor_backend import weight_args
 
-    return quantization_scheme(recipe).weights
+    return weight_args(scheme)
 
 
-def rtn_qparams(weight: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_qparams(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """compressed-tensors' min/max scale and zero point for a weight, per group or channel."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     rows, cols = weight.shape
-    groups = weight.reshape(rows, cols // (recipe.group_size or cols), -1)
-    return calculate_qparams(groups.amin(-1), groups.amax(-1), _grid_args(recipe))
+    groups = weight.reshape(rows, cols // (scheme.group_size or cols), -1)
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), _grid_args(scheme))
 
 
 _AUTOROUND_ATTRS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_sym", "act_dynamic",
@@ -167,7 +168,8 @@ _AUTOROUND_ATTRS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_d
 
 
 def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
-                    fp_out: list[torch.Tensor], recipe: Recipe) -> dict[str, QuantizedWeight]:
+                    fp_out: list[torch.Tensor], recipe: Recipe,
+                    schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
     """auto-round's SignRound on one block: learn rounding offsets (and min/max scale factors)
     that make the quantized block reproduce the unquantized block's outputs."""
     from auto_round.algorithms.quantization.sign_round.sign_sgd import SignSGD
@@ -184,8 +186,10 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
         if isinstance(module, torch.nn.Linear):
             # The attributes auto-round's layer config would set (removed again below);
             # kept modules stay 16-bit.
-            module.bits = recipe.bits if name in targets else 16
-            module.group_size, module.sym, module.data_type = recipe.group_size or -1, recipe.symmetric, "int"
+            scheme = schemes.get(name)
+            module.bits = scheme.bits if name in targets else 16
+            module.group_size = scheme.group_size or -1 if scheme else -1
+            module.sym, module.data_type = scheme.symmetric if scheme else True, "int"
             module.act_bits, module.act_data_type, module.act_sym, module.act_dynamic = 16, "float", True, True
             module.scale_dtype = torch.float32
     for name, module in targets.items():
@@ -225,7 +229,7 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
         # scale in the model dtype, so the ints are recovered against that rounded scale.
         scale = module.scale.to(torch.float32)
         ints = torch.round(module.weight.float().reshape(scale.shape[0], scale.shape[1], -1) / scale.unsqueeze(-1))
-        qmax = 2 ** (recipe.bits - 1)
+        qmax = 2 ** (schemes[name].bits - 1)
         ints = ints.clamp(-qmax, qmax - 1)
         stored_scale = scale.to(module.weight.dtype)
         module.weight.data = (ints * stored_scale.float().unsqueeze(-1)).reshape(module.weight.shape).to(module.weight.dtype)
@@ -240,7 +244,8 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
 
 @torch.no_grad()
 def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
-               fp_out: list[torch.Tensor], recipe: Recipe) -> dict[str, QuantizedWeight]:
+               fp_out: list[torch.Tensor], recipe: Recipe,
+               schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
     """llmcompressor's GPTQ solver on one block, with Hessians from the quantized chain's inputs."""
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
@@ -260,10 +265,10 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
     finally:
         for handle in handles:
             handle.remove()
-    args = _grid_args(recipe).model_copy(update={"actorder": recipe.gptq.actorder})
     results = {}
     for name, module in targets.items():
-        scale, zero_point = rtn_qparams(module.weight.data, recipe)
+        args = _grid_args(schemes[name]).model_copy(update={"actorder": recipe.gptq.actorder})
+        scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
         quantized, _, _ = quantize_weight(
             weights=module.weight.data.float().unsqueeze(0), hessians=(hessians[name] / counts[name]).unsqueeze(0),
             scale=scale.unsqueeze(0), zero_point=zero_point.unsqueeze(0), global_scale=None, quant_args=args,
@@ -289,15 +294,15 @@ def block_error(layer, index: int, cal: Calibration) -> float:
 
 
 @torch.no_grad()
-def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration, recipe: Recipe) -> float:
+def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+              schemes: dict[str, WeightScheme]) -> float:
     """The block error with plain RTN weights (compressed-tensors' min/max grid), as the baseline."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     originals = {name: module.weight.data for name, module in targets.items()}
-    args = _grid_args(recipe)
-    for module in targets.values():
-        scale, zero_point = rtn_qparams(module.weight.data, recipe)
-        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, args)
+    for name, module in targets.items():
+        scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
+        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, _grid_args(schemes[name]))
     try:
         return block_error(layer, index, cal)
     finally:
@@ -312,6 +317,8 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
                 "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
+    if recipe.overrides:  # only then: keys of recipes without overrides stay as they were
+        settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -327,7 +334,7 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
     with the same settings resumes at the first unfinished block."""
     prefix, layers = decoder_layers(model)
-    planned = {m.name for m in plan.quantized}
+    planned = {m.name: m.scheme for m in plan.quantized}
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
     if outside:
         raise ValueError(f"calibrated algorithms quantize the text decoder only; the plan also quantizes {outside[:3]}")
@@ -340,6 +347,7 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     for index in progress:
         layer, layer_prefix = layers[index], f"{prefix}.{index}."
         targets = {n[len(layer_prefix):]: model.get_submodule(n) for n in sorted(planned) if n.startswith(layer_prefix)}
+        schemes = {n[len(layer_prefix):]: s for n, s in planned.items() if n.startswith(layer_prefix)}
         advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
         saved = saved_dir / f"block-{index:03d}.pt"
         if saved.is_file():
@@ -348,8 +356,8 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
                 targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
             progress.set_postfix_str("resumed from checkpoint")
         elif targets:
-            baseline = rtn_error(layer, targets, index, cal, recipe)
-            block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe)
+            baseline = rtn_error(layer, targets, index, cal, schemes)
+            block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
             error = {"block": index, "rtn_mse": baseline, "mse": block_error(layer, index, cal)}
             torch.save((block, error), saved.with_suffix(".tmp"))
             saved.with_suffix(".tmp").rename(saved)

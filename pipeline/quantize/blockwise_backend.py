@@ -11,7 +11,7 @@ import torch
 from pipeline.plan import Plan
 from pipeline.quantize import CalibrationData, check_applied
 from pipeline.quantize.blockwise import QuantizedWeight, quantize_blockwise
-from pipeline.quantize.llmcompressor_backend import quantization_scheme
+from pipeline.quantize.llmcompressor_backend import config_groups
 from pipeline.recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
@@ -22,7 +22,7 @@ def attach_grids(model, plan: Plan, recipe: Recipe, grids: dict[str, QuantizedWe
     scales, so the compressor packs exactly the algorithm's integers."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
-    config = QuantizationConfig(config_groups={"group_0": quantization_scheme(recipe)}, ignore=plan.ignore,
+    config = QuantizationConfig(config_groups=config_groups(plan), ignore=plan.ignore,
                                 quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, config, show_progress=False)
     for name, grid in grids.items():

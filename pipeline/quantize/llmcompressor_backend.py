@@ -7,20 +7,34 @@ from pathlib import Path
 
 import torch
 
+from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.quantize import check_applied
 from pipeline.recipe import Recipe
 
 
-def quantization_scheme(recipe: Recipe):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def weight_args(scheme: WeightScheme):
+    from compressed_tensors.quantization import QuantizationArgs
 
     # Strategy named explicitly: compressed-tensors 0.19's W8A16 preset is group-128, not per-channel.
-    weights = QuantizationArgs(
-        num_bits=recipe.bits, type="int", symmetric=recipe.symmetric,
-        strategy="group" if recipe.group_size else "channel", group_size=recipe.group_size,
+    return QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+        strategy="group" if scheme.group_size else "channel", group_size=scheme.group_size,
     )
-    return QuantizationScheme(targets=["Linear"], weights=weights)
+
+
+def config_groups(plan: Plan) -> dict:
+    """compressed-tensors config groups for the plan: one over every Linear when all quantized modules
+    share a scheme (the ignore list keeps the rest), else one per scheme naming its modules exactly
+    (exact names, so no module can match two groups)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    schemes = plan.schemes()
+    if len(schemes) <= 1:
+        scheme = next(iter(schemes), plan.default_scheme)
+        return {"group_0": QuantizationScheme(targets=["Linear"], weights=weight_args(scheme))}
+    return {f"group_{i}": QuantizationScheme(targets=names, weights=weight_args(scheme))
+            for i, (scheme, names) in enumerate(schemes.items())}
 
 
 def kv_cache_scheme(recipe: Recipe):
@@ -70,7 +84,7 @@ class LLMCompressorBackend:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         kv_scheme = kv_cache_scheme(recipe)
-        modifier = QuantizationModifier(config_groups={"group_0": quantization_scheme(recipe)}, ignore=plan.ignore,
+        modifier = QuantizationModifier(config_groups=config_groups(plan), ignore=plan.ignore,
                                         kv_cache_scheme=kv_scheme)
         calibration = {}
         if kv_scheme is not None:

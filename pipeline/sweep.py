@@ -1,0 +1,257 @@
+"""Bit-width sweep: one recipe's model and algorithm under several mixed-precision policies, compared.
+
+Each policy is the recipe with another default scheme and `overrides:` rules, run through the same
+plan, quantize and export code as `quantize`; per policy the sweep measures the export's size on
+disk, the relative weight reconstruction error ||W - Q(W)|| / ||W|| per layer type, and KL / top-1
+against the unquantized model on the recipe's held-out text (validate.py's measurement).
+
+runs/<recipe>/sweep/{sweep.md, sweep.json, sweep.png}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from pipeline.recipe import Recipe, load_recipe, parse_recipe, resolve_recipe_path
+
+log = logging.getLogger(__name__)
+
+SWEEP = "sweep"
+ALL_DECODER = ".*"  # a regex rule over every decoder linear (PLE linears only when named)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    scheme: str  # the default for modules no rule selects
+    overrides: list[dict] = field(default_factory=list)
+
+
+def uniform(bits: int) -> Policy:
+    """Every decoder linear at `bits`: int8 per output channel, narrower widths per group."""
+    if bits == 8:
+        return Policy("uniform-8", "int8 per-channel everywhere", "W8A16", [])
+    if bits == 4:
+        return Policy("uniform-4", "int4 everywhere", "W4A16", [])
+    return Policy(f"uniform-{bits}", f"int{bits} everywhere", "W4A16", [{"regex": ALL_DECODER, "bits": bits}])
+
+
+INT8_CHANNEL = {"bits": 8, "group_size": None}
+POLICIES: dict[str, Policy] = {p.name: p for p in [
+    uniform(8), uniform(4), uniform(3), uniform(2),
+    Policy("sliding3-full4", "int3 on sliding-window layers, int4 on full-attention layers", "W4A16",
+           [{"layer_type": "sliding_attention", "bits": 3}]),
+    Policy("sliding4-full8", "int4 on sliding-window layers, int8 on full-attention layers", "W4A16",
+           [{"layer_type": "full_attention", **INT8_CHANNEL}]),
+    Policy("mlp4-attn8", "int4 MLP, int8 attention projections", "W4A16", [{"submodule": "attention", **INT8_CHANNEL}]),
+    Policy("mlp3-attn4", "int3 MLP, int4 attention projections", "W4A16", [{"submodule": "mlp", "bits": 3}]),
+    Policy("mlp3-attn8", "int3 MLP, int8 attention projections", "W4A16",
+           [{"submodule": "mlp", "bits": 3}, {"submodule": "attention", **INT8_CHANNEL}]),
+    Policy("attn8-full8", "int8 attention and full-attention layers, int4 sliding-window MLP", "W4A16",
+           [{"submodule": "attention", **INT8_CHANNEL}, {"layer_type": "full_attention", **INT8_CHANNEL}]),
+]}
+DEFAULT_POLICIES = ("uniform-8", "uniform-4", "uniform-3", "sliding3-full4", "sliding4-full8", "mlp4-attn8",
+                    "mlp3-attn4")
+
+
+class PolicyResult(BaseModel):
+    policy: str
+    description: str
+    mix: dict[str, int]  # scheme label → modules
+    weights_bytes: int  # the export's safetensors on disk
+    source_bytes: int  # the plan's BF16 estimate of the same model
+    bits_per_quantized_param: float  # weights, scales and zero points of the quantized modules, on disk
+    weight_error: dict[str, float]  # layer type (and "all") → ||W - Q(W)|| / ||W|| over its decoder linears
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    ppl_ratio: float
+    seconds: float
+
+
+def policy_recipe(recipe: Recipe, policy: Policy, run_dir: Path) -> Recipe:
+    """The recipe with the policy's default scheme and rules in place of its own."""
+    data = recipe.model_dump(mode="json", exclude={"overrides", "group_size", "scheme", "gates", "output_dir"})
+    group = recipe.group_size if recipe.scheme == "W4A16" else 128
+    data.update(name=f"{recipe.name}-{policy.name}", scheme=policy.scheme, output_dir=str(run_dir),
+                group_size=None if policy.scheme == "W8A16" else group, overrides=policy.overrides)
+    return parse_recipe(data, source=f"sweep policy {policy.name}")
+
+
+def resolve_policies(names: list[str] | None, bits: list[int] | None, recipe: Recipe) -> list[Policy]:
+    """Named policies (`recipe`: the recipe as written, with its own rules) and uniform ones per bit width."""
+    from pipeline.recipe import OVERRIDE_BITS, RecipeError
+
+    known = {**POLICIES, "recipe": Policy("recipe", "the recipe as written", recipe.scheme,
+                                          [rule.model_dump(exclude_unset=True) for rule in recipe.overrides])}
+    chosen = [uniform(b) for b in bits or []]
+    for name in names or ([] if bits else DEFAULT_POLICIES):
+        if name not in known:
+            raise RecipeError("sweep", "policies", f"unknown policy {name!r}; known: {', '.join(known)}")
+        chosen.append(known[name])
+    for b in bits or []:
+        if b not in OVERRIDE_BITS:
+            raise RecipeError("sweep", "bits", f"got {b}; allowed: {', '.join(map(str, OVERRIDE_BITS))}")
+    return list({p.name: p for p in chosen}.values())
+
+
+@torch.no_grad()
+def weight_errors(model, reference, plan) -> dict[str, float]:
+    """||W - Q(W)|| / ||W|| per layer type over every decoder linear (kept ones count as exact), with
+    Q(W) from the module's own grid as compressed-tensors stores it."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for m in plan.modules:
+        if m.component != "text_decoder" or m.kind != "linear":
+            continue
+        original = reference.get_submodule(m.name).weight.float()
+        error = 0.0
+        if m.quantize:
+            module = model.get_submodule(m.name)
+            args = module.quantization_scheme.weights
+            zero_point = getattr(module, "weight_zero_point", None)
+            quantized = fake_quantize(module.weight, module.weight_scale, zero_point, args).float()
+            error = (original - quantized).pow(2).sum().item()
+        for key in (m.layer_type or "decoder", "all"):
+            num[key] = num.get(key, 0.0) + error
+            den[key] = den.get(key, 0.0) + original.pow(2).sum().item()
+    return {key: (num[key] / den[key]) ** 0.5 for key in sorted(den)}
+
+
+def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | None = None,
+              eval_samples: int | None = None, eval_seq_len: int | None = None) -> list[PolicyResult]:
+    """Quantize the recipe's model under each policy, measure, and write the table, JSON and plot."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from pipeline.corpus import load_texts, token_windows
+    from pipeline.export import folder_bytes, write_export
+    from pipeline.model import load_model, model_class
+    from pipeline.quantize import get_backend
+    from pipeline.run import make_plan
+    from pipeline.validate import compare_models, load_export, measure_sizes
+
+    recipe_path = resolve_recipe_path(recipe_ref)
+    recipe = load_recipe(recipe_path)
+    out_dir = out_dir or recipe.run_dir / SWEEP
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = recipe.eval.model_copy(update={k: v for k, v in (("samples", eval_samples), ("seq_len", eval_seq_len))
+                                          if v is not None})
+    source, config, _ = make_plan(recipe, recipe_path)
+    tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
+    windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
+    reference = load_model(source, config).eval()
+    data = _calibration(recipe, tokenizer, out_dir) if recipe.calibrated else None
+    results = []
+    for policy in policies:
+        start = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix=f".{policy.name}-", dir=out_dir))
+        try:
+            variant = policy_recipe(recipe, policy, work)
+            _, _, plan = make_plan(variant, f"sweep policy {policy.name}")
+            model = load_model(source, config)
+            backend = get_backend(variant)
+            backend.quantize(model, plan, variant, data)
+            errors = weight_errors(model, reference, plan)
+            export = work / "export"
+            write_export(model, backend, source, variant, plan, export)
+            del model
+            quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export), windows,
+                                        work, tokenizer, [], 1)
+            sizes = measure_sizes(export, None, plan)
+            results.append(PolicyResult(
+                policy=policy.name, description=policy.description,
+                mix={scheme.label: len(names) for scheme, names in plan.schemes().items()},
+                weights_bytes=folder_bytes(export, "*.safetensors"), source_bytes=plan.bf16_bytes,
+                bits_per_quantized_param=sizes.bits_per_quantized_param, weight_error=errors,
+                kl_mean=quality.kl_mean, kl_p99=quality.kl_p99, top1_agreement=quality.top1_agreement,
+                ppl_ratio=quality.ppl_ratio, seconds=round(time.perf_counter() - start, 1),
+            ))
+            log.info("policy %s: KL %.4f, top-1 %.3f, %.1f MB, %.1f s", policy.name, results[-1].kl_mean,
+                     results[-1].top1_agreement, results[-1].weights_bytes / 1e6, results[-1].seconds)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    write_results(out_dir, recipe, spec, results)
+    return results
+
+
+def _calibration(recipe: Recipe, tokenizer, out_dir: Path):
+    from pipeline.calibration import load_or_build
+    from pipeline.quantize import CalibrationData
+
+    tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, out_dir,
+                                            f"{recipe.model.id}@{recipe.model.revision}")
+    return CalibrationData(tokens, calibration_set.sha256, out_dir)
+
+
+def layer_types(results: list[PolicyResult]) -> list[str]:
+    return [k for k in results[0].weight_error if k != "all"] if results else []
+
+
+def render_table(recipe: Recipe, spec, results: list[PolicyResult]) -> str:
+    types = layer_types(results)
+    head = ["policy", "mix (scheme × modules)", "weights on disk", "vs BF16", "bits / quantized param",
+            *[f"rel. weight error, {t}" for t in types], "KL mean", "KL p99", "top-1", "PPL ratio"]
+    lines = [
+        f"# Bit-width sweep: {recipe.model.id}, {recipe.algorithm}", "",
+        f"Held-out text: {spec.source}, {spec.samples} windows × {spec.seq_len} tokens, against the unquantized "
+        "model. Relative weight error: ||W − Q(W)|| / ||W|| over the decoder linears of each layer type "
+        "(kept ones count as exact). Sizes: the exports' safetensors on disk.", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+    ]
+    for r in results:
+        mix = ", ".join(f"{label} × {n}" for label, n in r.mix.items())
+        cells = [f"`{r.policy}`", mix, f"{r.weights_bytes / 1e6:,.1f} MB", f"{r.weights_bytes / r.source_bytes:.1%}",
+                 f"{r.bits_per_quantized_param:.2f}", *[f"{r.weight_error[t]:.3f}" for t in types],
+                 f"{r.kl_mean:.4f}", f"{r.kl_p99:.3f}", f"{r.top1_agreement:.3f}", f"{r.ppl_ratio:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[PolicyResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    types = layer_types(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in results:
+        left.scatter(r.weights_bytes / 1e6, r.kl_mean)
+        left.annotate(r.policy, (r.weights_bytes / 1e6, r.kl_mean), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+    left.set(xlabel="weights on disk (MB)", ylabel="KL mean vs unquantized (nats/token)", yscale="log",
+             title="size against quality")
+    width = 0.8 / max(len(types), 1)
+    for i, t in enumerate(types):
+        left_edges = [j + i * width for j in range(len(results))]
+        right.bar(left_edges, [r.weight_error[t] for r in results], width, label=t)
+    right.set_xticks([j + width * (len(types) - 1) / 2 for j in range(len(results))],
+                     [r.policy for r in results], rotation=30, ha="right", fontsize=8)
+    right.set(ylabel="||W − Q(W)|| / ||W||", title="relative weight error by layer type")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out_dir: Path, recipe: Recipe, spec, results: list[PolicyResult]) -> None:
+    (out_dir / "sweep.json").write_text(json.dumps({"recipe": recipe.name, "model": recipe.model.id,
+                                                    "algorithm": recipe.algorithm, "eval": spec.model_dump(mode="json"),
+                                                    "results": [r.model_dump() for r in results]}, indent=1) + "\n")
+    (out_dir / "sweep.md").write_text(render_table(recipe, spec, results))
+    plot(results, out_dir / "sweep.png", f"{recipe.model.id}: {recipe.algorithm}, {spec.samples}×{spec.seq_len} tokens")
