@@ -199,7 +199,8 @@ class Override(_Strict):
         names = []
         for name in value:
             if name == "experts":
-                raise ValueError("fused MoE experts are 3-D parameters that stay BF16 in this version; "
+                raise ValueError("MoE experts are quantized as a whole with `quantize_experts: true` (one scheme, "
+                                 "packed exports), not by overrides; "
                                  f"allowed: {', '.join((*SUBMODULE_GROUPS, *SUBMODULES))}")
             if name not in SUBMODULES and name not in SUBMODULE_GROUPS:
                 raise ValueError(f"unknown sub-module; allowed: {', '.join((*SUBMODULE_GROUPS, *SUBMODULES))}")

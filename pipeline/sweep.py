@@ -138,6 +138,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
 
     from pipeline.corpus import load_texts, token_windows
     from pipeline.export import folder_bytes, write_export
+    from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
     from pipeline.quantize import get_backend
     from pipeline.run import make_plan
@@ -163,15 +164,16 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
             variant = policy_recipe(recipe, policy, work)
             _, _, plan = make_plan(variant, f"sweep policy {policy.name}")
             model = load_model(source, config)
-            backend = get_backend(variant)
+            backend = get_backend(variant, tokenizer)
             backend.quantize(model, plan, variant, data)
             errors = weight_errors(model, reference, plan)
             export = work / "export"
             write_export(model, backend, source, variant, plan, export)
             del model
-            quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export), windows,
+            fmt = export_format(variant.export)
+            quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt), windows,
                                         work, tokenizer, [], 1)
-            sizes = measure_sizes(export, None, plan)
+            sizes = measure_sizes(export, None, plan, fmt)
             results.append(PolicyResult(
                 policy=policy.name, description=policy.description,
                 mix={scheme.label: len(names) for scheme, names in plan.schemes().items()},

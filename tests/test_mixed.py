@@ -100,7 +100,7 @@ def test_vllm_fused_projections_with_different_schemes_are_noted():
     ([{"layers": 1, "bits": 5}], "overrides.0.bits", "allowed: 2, 3, 4 or 8"),
     ([{"layer_type": "global", "bits": 4}], "overrides.0.layer_type.0", "'sliding_attention' or 'full_attention'"),
     ([{"submodule": "qkv", "bits": 4}], "overrides.0.submodule", "unknown sub-module; allowed: attention, mlp, ple"),
-    ([{"submodule": "experts", "bits": 4}], "overrides.0.submodule", "fused MoE experts are 3-D parameters"),
+    ([{"submodule": "experts", "bits": 4}], "overrides.0.submodule", "MoE experts are quantized as a whole with `quantize_experts: true`"),
     ([{"regex": "(", "bits": 4}], "overrides.0.regex", "not a valid regular expression"),
     ([{"layers": 1, "bits": 8}, {"layers": 2, "bitz": 4}], "overrides.1.bitz", "unknown key; allowed keys here: bits, "),
 ])
@@ -111,12 +111,13 @@ def test_bad_overrides_fail_at_schema_time(write_recipe, overrides, key, fragmen
     assert err.value.key == key and str(err.value).startswith(f"{path}: {key}: ") and fragment in str(err.value)
 
 
-def test_gptq_export_cannot_express_per_module_bits(write_recipe):
-    path = write_recipe("gptq", model="tiny:e2b", scheme="W4A16", export="gptq",
+@pytest.mark.parametrize("export", ["gptq", "auto-round"])
+def test_packed_exports_cannot_express_per_module_bits(write_recipe, export):
+    path = write_recipe("packed", model="tiny:e2b", scheme="W4A16", export=export,
                         overrides=[{"layer_type": "sliding_attention", "bits": 3}])
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert err.value.key == "export" and "GPTQ format cannot express per-module bits" in str(err.value)
+    assert err.value.key == "export" and f"the {export} format holds one bit width" in str(err.value)
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [
