@@ -11,6 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VARIANTS = ["e2b", "e4b", "31b", "26b-a4b"]
 
 
+def read_tensors(folder: Path) -> dict:
+    """Every tensor of a folder's safetensors files, by key."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys()})
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("gemma-quant-cache")

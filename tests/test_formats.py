@@ -10,20 +10,12 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from safetensors import safe_open
 
+from conftest import read_tensors
 from pipeline.formats import FORMATS, kept_problems
 from pipeline.plan import Plan
 from pipeline.recipe import RecipeError, parse_recipe
 from pipeline.run import quantize_run
-
-
-def _tensors(folder) -> dict:
-    found = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def gptq_integers(stored: dict, name: str, bits: int) -> torch.Tensor:
@@ -75,7 +67,7 @@ def test_packed_export_holds_the_compressed_tensors_integers(run, variant, expor
     _, ct_dir = run(variant, "compressed-tensors")
     manifest, run_dir = run(variant, export)
     plan = Plan.load(run_dir / "plan.json")
-    packed, reference = _tensors(run_dir / "export"), _tensors(ct_dir / "export")
+    packed, reference = read_tensors(run_dir / "export"), read_tensors(ct_dir / "export")
     for fate in plan.quantized:
         assert packed[f"{fate.name}.qweight"].dtype == torch.int32
         assert torch.equal(gptq_integers(packed, fate.name, 4), ct_integers(reference, fate.name, 4)), fate.name
@@ -145,10 +137,10 @@ def test_rtn_through_auto_round_is_auto_rounds_grid(run):
     assert manifest["backend"] == "auto-round" and manifest["recipe"]["library"] == "auto-round"
     assert manifest["reload"]["vs_in_memory"]["top1_agreement"] == 1.0
     plan = Plan.load(run_dir / "plan.json")
-    stored, llmc = _tensors(run_dir / "export"), _tensors(llmc_dir / "export")
+    stored, llmc = read_tensors(run_dir / "export"), read_tensors(llmc_dir / "export")
     from pipeline.model import ModelSpec, resolve
 
-    source = _tensors(resolve(ModelSpec(id="tiny:e2b")).path)
+    source = read_tensors(resolve(ModelSpec(id="tiny:e2b")).path)
     for fate in plan.quantized[:8]:
         weight = source[f"{fate.name}.weight"].float()
         absmax = weight.reshape(weight.shape[0], -1, 64).abs().amax(-1)

@@ -4,22 +4,14 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import read_tensors
 from pipeline.export import ExportIncomplete, check_complete, tensor_data_bytes
 from pipeline.plan import Plan
 from pipeline.recipe import RecipeError, parse_recipe
 from pipeline.run import quantize_run
 
 from test_formats import gptq_integers
-
-
-def _tensors(folder) -> dict:
-    found = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 @pytest.fixture(scope="module", params=[("W8A16", "auto-round", "llmcompressor"), ("W4A16", "gptq", "llmcompressor"),
@@ -52,7 +44,7 @@ def test_plan_counts_every_expert_as_its_own_linear(moe_run):
 def test_experts_stored_quantized_router_untouched_and_reloaded(moe_run):
     scheme, manifest, run_dir = moe_run
     bits = {"W8A16": 8, "W4A16": 4}[scheme]
-    stored = _tensors(run_dir / "export")
+    stored = read_tensors(run_dir / "export")
     plan = Plan.load(run_dir / "plan.json")
     for fate in (m for m in plan.modules if m.component == "moe_experts"):
         out_features, in_features = fate.shape

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
 from pipeline import reload as reloading
@@ -15,17 +14,9 @@ from pipeline.model import ModelSpec, resolve
 from pipeline.plan import Plan
 from pipeline.run import ReloadFailed, quantize_run
 
-from conftest import VARIANTS
+from conftest import VARIANTS, read_tensors
 
 SIDE_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
-
-
-def _tensors(folder) -> dict:
-    found = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def reference_rtn(weight: torch.Tensor, bits: int, group_size: int | None):
@@ -77,8 +68,8 @@ def test_export_is_complete_and_stored_as_planned(runs, variant, scheme):
     assert weights["strategy"] == {"W8A16": "channel", "W4A16": "group"}[scheme]
     assert ignore_problems(qconfig["ignore"], plan) == []
 
-    stored = _tensors(export)
-    source = _tensors(resolve(ModelSpec(id=f"tiny:{variant}")).path)
+    stored = read_tensors(export)
+    source = read_tensors(resolve(ModelSpec(id=f"tiny:{variant}")).path)
     bits, group_size = (8, None) if scheme == "W8A16" else (4, 64)
     for m in plan.modules:
         if m.quantize:
@@ -173,7 +164,7 @@ def test_reload_check_catches_weights_that_would_load_random(tmp_path, monkeypat
     def save_without_a_tensor(self, model, folder, recipe):
         original_save(self, model, folder, recipe)
         path = folder / "model.safetensors"
-        tensors = _tensors(folder)
+        tensors = read_tensors(folder)
         del tensors["model.language_model.layers.1.self_attn.k_norm.weight"]
         save_file(tensors, path, metadata={"format": "pt"})
 
