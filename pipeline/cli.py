@@ -56,7 +56,7 @@ def cmd_quantize(args) -> int:
     run_dir = args.run_dir or _run_dir(args.recipe)
     try:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
-                                validate=not args.no_validate, card=not args.no_card)
+                                validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args))
     except ValidationFailed as err:
         show_eval(run_dir)
         console.print(f"[bold red]{err}[/]\nthe export is kept in {run_dir / 'export'}; its manifest marks it as failing")
@@ -67,6 +67,18 @@ def cmd_quantize(args) -> int:
     console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes['export_weights_bytes'])} weights; "
                   f"plan estimated {_gb(sizes['export_weights_bytes_estimate'])})")
     return 0
+
+
+def _memory_flags(args):
+    """--max-cpu-memory / --max-gpu-memory, validated like the recipe's memory: block."""
+    from pipeline.recipe import MemorySpec
+
+    try:
+        return MemorySpec(max_cpu_memory=args.max_cpu_memory, max_gpu_memory=args.max_gpu_memory)
+    except ValueError as err:
+        problem = err.errors()[0]
+        raise RecipeError(f"--{problem['loc'][0].replace('_', '-')}", f"memory.{problem['loc'][0]}",
+                          problem["msg"].removeprefix("Value error, ")) from None
 
 
 def cmd_validate(args) -> int:
@@ -178,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--no-reload-check", action="store_true")
     quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     quantize.add_argument("--no-card", action="store_true", help="do not write the model card (export/README.md)")
+    quantize.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                          help="host RAM budget, e.g. 20GiB (overrides the recipe's memory.max_cpu_memory)")
+    quantize.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                          help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
