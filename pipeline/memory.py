@@ -113,15 +113,16 @@ def activation_bytes(recipe: Recipe, text_config) -> int:
     through one block (hidden, MLP intermediate, attention scores)."""
     from pipeline.reload import PROBE_SEQUENCES, PROBE_TOKENS
 
-    hidden, vocab = text_config.hidden_size, text_config.vocab_size
-    intermediate = max(text_config.intermediate_size, getattr(text_config, "moe_intermediate_size", 0) or 0)
-    if getattr(text_config, "use_double_wide_mlp", False):
+    fields = text_config.to_dict()  # per-layer attributes refuse a global read; the dict has them all
+    hidden, vocab = fields["hidden_size"], fields["vocab_size"]
+    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
+    if fields.get("use_double_wide_mlp"):
         intermediate *= 2
     probe = PROBE_SEQUENCES * PROBE_TOKENS
     need = probe * (vocab * 3 + 4 * hidden + 2 * intermediate) * 4
     if recipe.calibrated:
         seq = recipe.calibration.seq_len
-        per_sample = seq * (4 * hidden + 2 * intermediate) * 4 + text_config.num_attention_heads * seq * seq * 4
+        per_sample = seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
         need = max(need, 3 * per_sample)  # AutoRound/GPTQ keep the block's inputs, outputs and gradients
     return need
 
@@ -132,10 +133,11 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
     if not recipe.calibrated:
         return 0
     samples, seq = recipe.calibration.samples, recipe.calibration.seq_len
-    layers = text_config.num_hidden_layers
-    ple = getattr(text_config, "hidden_size_per_layer_input", 0) or 0
-    head = max(text_config.head_dim, getattr(text_config, "global_head_dim", 0) or 0)
-    chains = 2 * samples * seq * text_config.hidden_size * 2
+    fields = text_config.to_dict()  # head_dim may vary per layer: the config refuses a global read
+    layers = fields["num_hidden_layers"]
+    ple = fields.get("hidden_size_per_layer_input") or 0
+    head = max(fields.get("head_dim") or 0, fields.get("global_head_dim") or 0)
+    chains = 2 * samples * seq * fields["hidden_size"] * 2
     recorded = layers * samples * (seq * (ple + 4 * head) * 2 + seq * seq)
     return chains + recorded
 
