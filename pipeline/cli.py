@@ -47,6 +47,19 @@ def cmd_plan(args) -> None:
     plan = plan_run(args.recipe, args.run_dir)
     show_plan(plan)
     console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}")
+    show_memory_plan(args.recipe, plan, _memory_flags(args))
+
+
+def show_memory_plan(recipe_ref: str, plan, overrides) -> None:
+    """How `quantize` would hold the model within the budget (raises MemoryBudgetError if it cannot)."""
+    from pipeline.memory import plan_memory, resolve_budget
+    from pipeline.model import load_config, resolve
+    from pipeline.recipe import load_recipe, resolve_recipe_path
+
+    recipe = load_recipe(recipe_ref)
+    text = load_config(resolve(recipe.model)).get_text_config()
+    memory = plan_memory(plan, recipe, text, *resolve_budget(recipe.memory, overrides), resolve_recipe_path(recipe_ref))
+    console.print(memory.table())
 
 
 def cmd_quantize(args) -> int:
@@ -190,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--no-reload-check", action="store_true")
     quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     quantize.add_argument("--no-card", action="store_true", help="do not write the model card (export/README.md)")
-    quantize.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
-                          help="host RAM budget, e.g. 20GiB (overrides the recipe's memory.max_cpu_memory)")
-    quantize.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
-                          help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
+    for sub in (plan, quantize):
+        sub.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                         help="host RAM budget, e.g. 20GiB (overrides the recipe's memory.max_cpu_memory)")
+        sub.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                         help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")

@@ -28,9 +28,13 @@ from pipeline.recipe import MemorySpec, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
-# Backends that take a disk-offloaded model: llmcompressor's RTN runs on compressed-tensors' offload.
-# auto-round's RTN and the block driver mutate `module.weight.data`, which offloaded modules drop.
-DISK_OFFLOAD_BACKENDS = ("llmcompressor",)
+
+
+def disk_offload_supported(recipe: Recipe) -> bool:
+    """llmcompressor's RTN runs on compressed-tensors' offload and saves compressed-tensors from it.
+    auto-round's RTN and the block driver set `module.weight.data`, which an offloaded module drops,
+    and the packed exports (gptq, auto-round, MoE experts) read every weight in memory."""
+    return recipe.backend == "llmcompressor" and recipe.export == "compressed-tensors"
 
 
 class MemoryBudgetError(RecipeError):
@@ -128,8 +132,8 @@ def activation_bytes(recipe: Recipe, text_config) -> int:
 
 
 def calibration_state_bytes(recipe: Recipe, text_config) -> int:
-    """The block driver's host-side state: both chains' hidden states and every layer's recorded
-    inputs (PLE slice, rotary tables, mask) for every calibration sample."""
+    """The block driver's host-side state: both chains' hidden states and the recorded layer inputs
+    (PLE slices, rotary tables, masks) for every calibration sample."""
     if not recipe.calibrated:
         return 0
     samples, seq = recipe.calibration.samples, recipe.calibration.seq_len
@@ -138,7 +142,8 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
     ple = fields.get("hidden_size_per_layer_input") or 0
     head = max(fields.get("head_dim") or 0, fields.get("global_head_dim") or 0)
     chains = 2 * samples * seq * fields["hidden_size"] * 2
-    recorded = layers * samples * (seq * (ple + 4 * head) * 2 + seq * seq)
+    # each layer's own PLE slice; the rotary tables and masks are one tensor per layer type, shared
+    recorded = samples * (layers * seq * ple * 2 + 2 * (seq * head * 2 * 4 + seq * seq))
     return chains + recorded
 
 
@@ -171,17 +176,19 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
 
     if needs["all_at_once_host"] <= cpu_budget:
         host = "resident"
-    elif needs["sequential_host"] <= cpu_budget and recipe.backend in DISK_OFFLOAD_BACKENDS:
+    elif needs["sequential_host"] <= cpu_budget and disk_offload_supported(recipe):
         host = "disk-offload"
     else:
-        offload = recipe.backend in DISK_OFFLOAD_BACKENDS
+        offload = disk_offload_supported(recipe)
         fits = needs["sequential_host"] if offload else needs["all_at_once_host"]
         raise MemoryBudgetError(
             _budget_origin(recipe_path, budget_source["cpu"], "--max-cpu-memory"), "memory.max_cpu_memory",
             f"the host budget {human(cpu_budget)} ({budget_source['cpu']}) cannot hold this run: all-at-once needs "
             f"{human(needs['all_at_once_host'])}, sequential (one decoder layer resident, the rest offloaded to disk) "
             f"needs {human(needs['sequential_host'])}"
-            + ("" if offload else f", and the {recipe.backend} backend cannot run disk-offloaded")
+            + ("" if offload else f", but only RTN through llmcompressor exported as compressed-tensors runs "
+                                  f"disk-offloaded (this recipe: {recipe.algorithm} on {recipe.backend}, "
+                                  f"export {recipe.export})")
             + f"; a budget of at least {human(fits)} would fit")
 
     gpu = "none"

@@ -68,6 +68,11 @@ def test_budget_between_modes_chooses_sequential_and_too_small_is_refused(write_
     with pytest.raises(MemoryBudgetError) as err:
         _memory_plan(path, roomy.needs["sequential_host"] - 1)
     assert err.value.key == "memory.max_cpu_memory" and "a budget of at least" in str(err.value)
+    # the block driver cannot run disk-offloaded: between the needs is too small for it, and it says why
+    tuned = write_recipe("tuned", model="tiny:31b", scheme="W4A16", algorithm="gptq")
+    _, tuned_roomy = _memory_plan(tuned)
+    with pytest.raises(MemoryBudgetError, match="only RTN through llmcompressor exported as compressed-tensors"):
+        _memory_plan(tuned, tuned_roomy.needs["all_at_once_host"] - 1)
 
 
 def test_too_small_budget_refused_before_any_weight_loads(write_recipe, monkeypatch, caplog):
@@ -191,3 +196,14 @@ def test_block_driver_layer_onloading_and_device_map_paths_give_the_same_grids(t
         for other in (onloaded[name], spread_grids[name]):
             assert torch.equal(grid.weight, other.weight) and torch.equal(grid.scale, other.scale), name
             assert other.weight.device.type == "cpu"
+
+
+def test_plan_verb_prints_the_memory_plan_or_refuses(write_recipe, capsys):
+    from pipeline.cli import main
+
+    path = write_recipe(model="tiny:31b", scheme="W4A16")
+    assert main(["plan", str(path), "--max-cpu-memory", "10MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: sequential (host disk-offload" in out and "budget: host (cli)" in out
+    assert main(["plan", str(path), "--max-cpu-memory", "1MiB"]) == 2
+    assert "--max-cpu-memory: memory.max_cpu_memory: the host budget 1.00 MiB (cli)" in capsys.readouterr().out
