@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -247,3 +248,34 @@ def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
     with load_offloaded_model(cls):
         return cls.from_pretrained(source.ref, revision=source.spec.revision, dtype=torch.bfloat16,
                                    device_map=placement, offload_folder=str(offload_dir))
+
+
+@contextmanager
+def quantized_forward_per_layer(model):
+    """Forwards of a disk-offloaded, quantized model that compute what the export holds.
+
+    compressed-tensors' quantized forward fake-quantizes the onloaded weight in place for the call, then
+    reads `self.weight` again: a disk-offloaded module onloads a fresh, unquantized copy there, so its
+    output skips quantization (measured: every disk-offloaded Linear computed with BF16 weights). Inside
+    `disable_offloading` a weight onloads once; entered per decoder layer, one layer stays resident."""
+    from compressed_tensors.offload import disable_offloading
+
+    from pipeline.quantize.blockwise import decoder_layers
+
+    _, layers = decoder_layers(model)
+    stack = ExitStack()
+
+    def enter(module, args) -> None:
+        stack.enter_context(disable_offloading())
+
+    def leave(module, args, output) -> None:
+        stack.close()
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter),
+                                                layer.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        stack.close()

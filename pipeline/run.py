@@ -16,13 +16,13 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.memory import load_within, plan_memory, resolve_budget
+from pipeline.memory import load_within, plan_memory, quantized_forward_per_layer, resolve_budget
 from pipeline.model import Source, build_meta_model, load_config, model_class, resolve, text_config
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import MemorySpec, Recipe, check_against_config, load_recipe, resolve_recipe_path
@@ -137,7 +137,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
 
                 unfuse_experts(model)
             backend.quantize(model, plan, recipe, data)
-            in_memory = reloading.logits(model, probe)
+            with quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext():
+                in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT
         staging = staging_dir(final)
         try:

@@ -115,6 +115,9 @@ def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe):
         assert tensor.dtype == sequential[key].dtype and torch.equal(tensor, sequential[key]), key
     assert seq_manifest["reload"]["missing_keys"] == seq_manifest["reload"]["unexpected_keys"] == []
     assert seq_manifest["reload"]["vs_unquantized"] == all_manifest["reload"]["vs_unquantized"]
+    # the offloaded in-memory model computes what the export holds, as the resident one does
+    assert seq_manifest["reload"]["vs_in_memory"] == all_manifest["reload"]["vs_in_memory"]
+    assert seq_manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
 
 
 PEAK_RSS = textwrap.dedent("""
