@@ -113,13 +113,15 @@ def needs(recipe: Path) -> dict:
     return plan_memory(plan, loaded, config.get_text_config(), 2**62, [], {"cpu": "-", "gpu": "-"}).model_dump()
 
 
-def bench_model(label: str, source: Path, work: Path, on_gpu: bool) -> list[str]:
+def bench_model(label: str, source: Path, work: Path, on_gpu: bool, only: list[str]) -> list[str]:
     rows, slug = [], source.name.lower()
     passes = {"RTN W8A16": "scheme: W8A16\n", "RTN W4A16": "scheme: W4A16\ngroup_size: 128\n",
               "AutoRound W4A16": "scheme: W4A16\ngroup_size: 128\nalgorithm: autoround\n"
                                  "autoround: {iters: 20, batch_size: 4}\n"
                                  "calibration: {samples: 8, seq_len: 128}\n"}
     for name, body in passes.items():
+        if only and name.replace(" ", "-").lower() not in only:
+            continue
         recipes = {}
         for mode in ("all", "seq", "raw"):
             recipes[mode] = work / f"{slug}-{name.replace(' ', '-').lower()}-{mode}.yaml"
@@ -156,6 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=1536, help="text hidden size of the widened tiny 31B")
     parser.add_argument("--full", nargs="*", default=[], help="full-size variants (GPU machine): e2b 31b")
+    parser.add_argument("--passes", nargs="*", default=[],
+                        help="subset to run: rtn-w8a16 rtn-w4a16 autoround-w4a16 (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -163,10 +167,10 @@ def main() -> None:
     rows = []
     source = random_source("31b", work / "wide-31b", args.hidden)
     bf16 = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    rows += bench_model(f"tiny 31B, hidden {args.hidden} ({bf16 / 2**20:.0f} MiB)", source, work, on_gpu)
+    rows += bench_model(f"tiny 31B, hidden {args.hidden} ({bf16 / 2**20:.0f} MiB)", source, work, on_gpu, args.passes)
     for variant in args.full:
         rows += bench_model(f"full {variant}, random", random_source(variant, work / f"full-{variant}", None), work,
-                            on_gpu)
+                            on_gpu, args.passes)
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     lines = [f"## Memory modes: all-at-once vs sequential, {device}, one run", "",
              "| model | pass | path (mode) | seconds | × all-at-once | peak RSS MiB | × all-at-once | peak GPU GiB |",

@@ -229,6 +229,22 @@ def device_map(meta_model, memory: MemoryPlan) -> dict[str, int | str]:
                                  no_split_module_classes=list(getattr(meta_model, "_no_split_modules", None) or []))
 
 
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation above `threshold` with its own mmap, returned to the system when
+    freed. Its default threshold grows up to 32 MiB as large blocks are freed, after which each onloaded
+    layer lands in the heap and stays in the process's RSS when released: measured on a 342 MiB model,
+    sequential's peak anonymous RSS grew by ~270 MiB over one probe forward, and by ~5 MiB with this.
+    No-op (False) off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
     """The source model loaded as the memory plan says: fully in host RAM, or with the layers that
     do not fit offloaded to disk (compressed-tensors' offload, which llmcompressor onloads per module)."""
@@ -239,6 +255,8 @@ def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
     if memory.host == "resident":
         return load_model(source, config)
     from compressed_tensors.offload import load_offloaded_model
+
+    return_freed_memory()
 
     placement = device_map(build_meta_model(config), memory)
     on_disk = sorted(name for name, where in placement.items() if where == "disk")
