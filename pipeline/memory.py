@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
@@ -261,7 +262,8 @@ def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
     placement = device_map(build_meta_model(config), memory)
     on_disk = sorted(name for name, where in placement.items() if where == "disk")
     log.info("sequential: %d of %d modules offloaded to %s", len(on_disk), len(placement), offload_dir)
-    offload_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(offload_dir, ignore_errors=True)  # left by an interrupted run
+    offload_dir.mkdir(parents=True)
     cls = model_class(config)
     with load_offloaded_model(cls):
         return cls.from_pretrained(source.ref, revision=source.spec.revision, dtype=torch.bfloat16,
