@@ -55,6 +55,19 @@ def cmd_plan(args) -> None:
     plan = plan_run(args.recipe, args.run_dir)
     show_plan(plan)
     console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}")
+    show_memory_plan(args.recipe, plan, _memory_flags(args))
+
+
+def show_memory_plan(recipe_ref: str, plan, overrides) -> None:
+    """How `quantize` would hold the model within the budget (raises MemoryBudgetError if it cannot)."""
+    from pipeline.memory import plan_memory, resolve_budget
+    from pipeline.model import load_config, resolve
+    from pipeline.recipe import load_recipe, resolve_recipe_path
+
+    recipe = load_recipe(recipe_ref)
+    text = load_config(resolve(recipe.model)).get_text_config()
+    memory = plan_memory(plan, recipe, text, *resolve_budget(recipe.memory, overrides), resolve_recipe_path(recipe_ref))
+    console.print(memory.table())
 
 
 def cmd_quantize(args) -> int:
@@ -64,7 +77,7 @@ def cmd_quantize(args) -> int:
     run_dir = args.run_dir or _run_dir(args.recipe)
     try:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
-                                validate=not args.no_validate, card=not args.no_card)
+                                validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args))
     except ValidationFailed as err:
         show_eval(run_dir)
         console.print(f"[bold red]{err}[/]\nthe export is kept in {run_dir / 'export'}; its manifest marks it as failing")
@@ -75,6 +88,18 @@ def cmd_quantize(args) -> int:
     console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes['export_weights_bytes'])} weights; "
                   f"plan estimated {_gb(sizes['export_weights_bytes_estimate'])})")
     return 0
+
+
+def _memory_flags(args):
+    """--max-cpu-memory / --max-gpu-memory, validated like the recipe's memory: block."""
+    from pipeline.recipe import MemorySpec
+
+    try:
+        return MemorySpec(max_cpu_memory=args.max_cpu_memory, max_gpu_memory=args.max_gpu_memory)
+    except ValueError as err:
+        problem = err.errors()[0]
+        raise RecipeError(f"--{problem['loc'][0].replace('_', '-')}", f"memory.{problem['loc'][0]}",
+                          problem["msg"].removeprefix("Value error, ")) from None
 
 
 def cmd_validate(args) -> int:
@@ -219,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's run directory (+ /sweep)")
     sweep.add_argument("--eval-samples", type=int, default=None, help="held-out windows (default: the recipe's eval)")
     sweep.add_argument("--eval-seq-len", type=int, default=None, help="tokens per window (default: the recipe's eval)")
+    for sub in (plan, quantize):
+        sub.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                         help="host RAM budget, e.g. 20GiB (overrides the recipe's memory.max_cpu_memory)")
+        sub.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                         help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")

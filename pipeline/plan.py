@@ -165,6 +165,15 @@ class Plan(BaseModel):
     def export_bytes(self) -> int:
         return sum(m.export_bytes for m in self.modules) + 2 * self.other_params
 
+    def layer_bytes(self, export: bool = False) -> dict[int, int]:
+        """BF16 (or export) bytes of each decoder layer's modules, by layer index (norms and scalars,
+        counted in `other_params`, are not in any layer)."""
+        totals: dict[int, int] = defaultdict(int)
+        for m in self.modules:
+            if m.layer is not None:
+                totals[m.layer] += m.export_bytes if export else m.bf16_bytes
+        return dict(sorted(totals.items()))
+
     @property
     def total_params(self) -> int:
         return sum(m.params for m in self.modules if not m.tied_to) + self.other_params

@@ -145,6 +145,40 @@ class GPTQOptions(_Strict):
     actorder: Literal["static", "group", "weight"] | None = None
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`20GiB`, `512MB`, `1.5 GiB` or a plain number of bytes."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _BYTE_UNITS:
+            raise ValueError(f"got {value!r}; write a size like 20GiB, 512MB or a number of bytes")
+        number, unit = float(match.group(1)), match.group(2)
+    size = int(number * _BYTE_UNITS[unit.lower()])
+    if size <= 0:
+        raise ValueError(f"got {value!r}; the budget must be positive")
+    return size
+
+
+class MemorySpec(_Strict):
+    """Memory budgets for the quantize run (pipeline/memory.py plans within them before loading weights).
+    Unset: what the machine has free. `max_gpu_memory` is per GPU."""
+
+    max_gpu_memory: int | None = None
+    max_cpu_memory: int | None = None
+
+    @field_validator("max_gpu_memory", "max_cpu_memory", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return None if value is None else parse_bytes(value)
+
+
 class HubSpec(_Strict):
     """Where `gemma-quant publish` puts the export, and card metadata that only the publisher knows.
     license/language are used only where the source model's own card declares none."""
@@ -288,6 +322,7 @@ class Recipe(_Strict):
     gates: Gates = Field(default_factory=Gates)
     hub: HubSpec = Field(default_factory=HubSpec)
     overrides: list[Override] = Field(default_factory=list)  # per-module bits/group/symmetric/skip
+    memory: MemorySpec = Field(default_factory=MemorySpec)
 
     @field_validator("model", mode="before")
     @classmethod

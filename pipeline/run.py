@@ -16,15 +16,16 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import __version__, text_only
-from pipeline.model import Source, build_meta_model, load_config, load_model, model_class, resolve, text_config
+from pipeline.memory import load_within, plan_memory, quantized_forward_per_layer, resolve_budget
+from pipeline.model import Source, build_meta_model, load_config, model_class, resolve, text_config
 from pipeline.plan import Plan, build_plan
-from pipeline.recipe import Recipe, check_against_config, load_recipe, resolve_recipe_path
+from pipeline.recipe import MemorySpec, Recipe, check_against_config, load_recipe, resolve_recipe_path
 
 log = logging.getLogger("pipeline")
 
@@ -32,6 +33,8 @@ EXPORT = "export"
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 DIGESTS = "export_digests.json"  # per-tensor sha256 of the export as written
+MEMORY_PLAN = "memory_plan.json"
+OFFLOAD = "offload"  # disk-offloaded weights of a sequential run, removed when the run ends
 
 
 class ReloadFailed(RuntimeError):
@@ -88,10 +91,11 @@ def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
 
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
-                 validate: bool = True, card: bool = True) -> dict:
+                 validate: bool = True, card: bool = True, memory: MemorySpec | None = None) -> dict:
     """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest
     → validation (which raises ValidationFailed, export kept and manifest marked, on a miss) → model card
-    (written on a miss too, so the card says the checkpoint failed)."""
+    (written on a miss too, so the card says the checkpoint failed). `memory` overrides the recipe's
+    memory budgets (the CLI's flags); the memory plan is made in the plan stage, before any weight loads."""
     from pipeline import reload as reloading
     from pipeline.formats import export_format
     from pipeline.export import folder_bytes, replace_atomically, staging_dir, tensor_digests, write_export
@@ -107,13 +111,19 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         with timer.stage("plan"):
             source, config, plan = make_plan(recipe, recipe_path)
             plan.save(run_dir / PLAN)
+            memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory),
+                                      recipe_path)
+            log.info("memory plan:\n%s", memory_plan.render())
+            write_json_atomically(run_dir / MEMORY_PLAN, memory_plan.model_dump(mode="json"))
+        offload_dir = run_dir / OFFLOAD
         with timer.stage("load"):
-            model = text_only.load_text_model(source, config) if text_only.wanted(recipe) else load_model(source, config)
+            model = (text_only.load_text_model(source, config) if text_only.wanted(recipe)
+                     else load_within(memory_plan, source, config, offload_dir))
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
             probe = reloading.probe_input_ids(tokenizer)
-            backend = get_backend(recipe, tokenizer)
+            backend = get_backend(recipe, tokenizer, memory_plan)
             reference = reloading.logits(model, probe)
         data, calibration_set = None, None
         if recipe.calibrated:
@@ -126,7 +136,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                 data = CalibrationData(tokens, calibration_set.sha256, run_dir)
         with timer.stage("quantize"):
             backend.quantize(model, plan, recipe, data)
-            in_memory = reloading.logits(model, probe)
+            with quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext():
+                in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT
         staging = staging_dir(final)
         try:
@@ -146,6 +157,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            shutil.rmtree(offload_dir, ignore_errors=True)
         manifest = {
             "tool": {"name": "gemma-quant", "version": __version__},
             "status": "exported",
@@ -171,6 +184,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             "reload": report.model_dump() if report else None,
             "modalities": {"kept": recipe.modalities,
                            "dropped_params": text_only.dropped_towers(load_config(source)) if text_only.wanted(recipe) else {}},
+            "memory": {"file": MEMORY_PLAN, "mode": memory_plan.mode, "host": memory_plan.host,
+                       "gpu": memory_plan.gpu, "needs": memory_plan.needs},
         }
         write_json_atomically(run_dir / MANIFEST, manifest)
         log.info("export ready: %s", final)

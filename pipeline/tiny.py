@@ -61,16 +61,17 @@ def _shrunk_layer_types(full_types: list[str], depth: int) -> list[str]:
     return types
 
 
-def tiny_config(variant: str) -> dict:
-    """A tiny config with the same architectural features as the real variant."""
+def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
+    """A tiny config with the same architectural features as the real variant (`text_hidden` widens the
+    decoder, MLP in proportion, for memory measurements that must stand above the libraries' own)."""
     cfg = copy.deepcopy(full_config(variant))
     text = cfg["text_config"]
     depth, shared = DEPTH[variant]
-    ratio = TEXT_HIDDEN / text["hidden_size"]
+    ratio = text_hidden / text["hidden_size"]
     kv_heads = min(text["num_key_value_heads"], 2)
     text.update(
         vocab_size=TINY_VOCAB,
-        hidden_size=TEXT_HIDDEN,
+        hidden_size=text_hidden,
         # 26B-A4B's 2112 (not a multiple of 128) stays a non-multiple of 128: 192.
         intermediate_size=int(round(text["intermediate_size"] * ratio / 64)) * 64,
         num_hidden_layers=depth,
@@ -141,7 +142,7 @@ def _train_tokenizer():
     )
 
 
-def build_tiny_source(variant: str, dest: Path, seed: int = 0) -> Path:
+def build_tiny_source(variant: str, dest: Path, seed: int = 0, text_hidden: int = TEXT_HIDDEN) -> Path:
     """Write a complete tiny checkpoint folder for `variant` into `dest` (deterministic for a seed)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
@@ -150,7 +151,7 @@ def build_tiny_source(variant: str, dest: Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config(variant)
+    cfg = tiny_config(variant, text_hidden)
     config = AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)

@@ -33,7 +33,7 @@ from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
-from pipeline.run import DIGESTS, EXPORT, MANIFEST, PLAN, library_versions, write_json_atomically
+from pipeline.run import DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, PLAN, library_versions, write_json_atomically
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -387,6 +387,11 @@ def validate_run(run_dir: Path) -> EvalReport:
     def reference():
         if text_only.wanted(recipe):
             return text_only.load_text_model(source, config).eval()
+        if (run_dir / MEMORY_PLAN).is_file():  # within the run's memory plan: disk-offloaded if it was
+            from pipeline.memory import MemoryPlan, load_within
+
+            memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
+            return load_within(memory, source, config, scratch / "offload").eval()
         return cls.from_pretrained(source.ref, revision=recipe.model.revision, dtype=torch.bfloat16).eval()
 
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))

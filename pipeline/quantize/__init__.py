@@ -33,7 +33,8 @@ class Backend(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
-def get_backend(recipe: Recipe, tokenizer=None) -> Backend:
+def get_backend(recipe: Recipe, tokenizer=None, memory=None) -> Backend:
+    """`memory` (pipeline.memory.MemoryPlan) tells the block driver whether to onload layer by layer."""
     if recipe.backend == "llmcompressor":
         from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
 
@@ -45,7 +46,7 @@ def get_backend(recipe: Recipe, tokenizer=None) -> Backend:
     if recipe.backend == "blockwise":
         from pipeline.quantize.blockwise_backend import BlockwiseBackend
 
-        return BlockwiseBackend(recipe.algorithm)
+        return BlockwiseBackend(recipe.algorithm, memory)
     if recipe.backend == "qat-repack":
         from pipeline.quantize.qat_repack import QATRepackBackend
 

@@ -26,6 +26,7 @@ import json
 import logging
 import random
 from collections import UserDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,8 +87,10 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor]) -> Calibration:
-    """One plain forward per batch; each layer's pre-hook records what the model hands it.
+def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
+                  state_device: torch.device | None = None) -> Calibration:
+    """One plain forward per batch; each layer's pre-hook records what the model hands it (moved to
+    `state_device` when given: the host, when layers are onloaded to a GPU one at a time).
     The forward stops at the last layer: nothing after it is needed."""
     inputs: list[list[LayerInputs]] = [[] for _ in layers]
     first_hidden: list[torch.Tensor] = []
@@ -96,9 +99,10 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     def hook(index):
         def record(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            inputs[index].append(LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items()
-                                                               if k not in PER_CHAIN and k != "hidden_states"},
-                                             "shared_kv_states" in kwargs))
+            kept = {k: v for k, v in kwargs.items() if k not in PER_CHAIN and k != "hidden_states"}
+            if state_device is not None:
+                hidden, args, kept = _to(hidden, state_device), _to(args, state_device), _to(kept, state_device)
+            inputs[index].append(LayerInputs(tuple(args[1:]), kept, "shared_kv_states" in kwargs))
             if index == 0:
                 first_hidden.append(hidden)
             if index == last:
@@ -129,6 +133,55 @@ def _cast(value, dtype: torch.dtype):
     if isinstance(value, (dict, UserDict)):
         return UserDict({k: _cast(v, dtype) for k, v in value.items()})
     return value
+
+
+def _to(value, device: torch.device):
+    """Tensors inside `value` (tensors, tuples, dicts, recorded inputs) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, LayerInputs):
+        return LayerInputs(_to(value.args, device), _to(value.kwargs, device), value.shares_kv)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, (dict, UserDict)):
+        return type(value)({k: _to(v, device) for k, v in value.items()})
+    return value
+
+
+def move_layer_state(cal: Calibration, index: int, device: torch.device) -> None:
+    """Layer `index`'s recorded inputs and both chains' running state moved to `device` (in place)."""
+    cal.inputs[index] = _to(cal.inputs[index], device)
+    for chain in (cal.fp_hidden, cal.q_hidden):
+        chain[:] = _to(chain, device)
+    for stores in (cal.fp_kv, cal.q_kv):
+        for store in stores:
+            store.data = {k: _to(v, device) for k, v in store.items()}
+
+
+@contextmanager
+def onloaded_in_turn(model, layers: torch.nn.ModuleList, device: torch.device):
+    """The model's non-layer parts on `device`, each decoder layer onloaded there only for its own
+    forward and offloaded back to the host after it: peak device memory is about one layer."""
+    held = list(layers)
+    for i in range(len(layers)):  # detached while the rest of the model moves
+        layers[i] = torch.nn.Identity()
+    model.to(device)
+    for i, layer in enumerate(held):
+        layers[i] = layer
+    def onload(module, args) -> None:
+        module.to(device)
+
+    def offload(module, args, output) -> None:
+        module.to("cpu")
+
+    handles = [h for layer in held for h in (layer.register_forward_pre_hook(onload),
+                                              layer.register_forward_hook(offload))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.to("cpu")
 
 
 def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> torch.Tensor:
@@ -329,10 +382,12 @@ class BlockwiseResult:
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
-                       calibration_sha: str) -> BlockwiseResult:
+                       calibration_sha: str, onload: torch.device | None = None) -> BlockwiseResult:
     """Quantize every planned module of the text decoder, block by block; returns each module's grid
     and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
-    with the same settings resumes at the first unfinished block."""
+    with the same settings resumes at the first unfinished block. With `onload` (a GPU the model does
+    not fit on), the model stays on the host and each block is onloaded to `onload` in turn, with its
+    recorded inputs and the chains' state; grids and state go back to the host after each block."""
     prefix, layers = decoder_layers(model)
     planned = {m.name: m.scheme for m in plan.quantized}
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
@@ -340,12 +395,17 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
         raise ValueError(f"calibrated algorithms quantize the text decoder only; the plan also quantizes {outside[:3]}")
     saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
     saved_dir.mkdir(parents=True, exist_ok=True)
-    cal = record_inputs(model, layers, list(tokens.split(1)))
+    host = torch.device("cpu") if onload is not None else None
+    with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
+        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
     progress = tqdm(range(len(layers)), desc=f"{recipe.algorithm} blocks", unit="block")
     for index in progress:
         layer, layer_prefix = layers[index], f"{prefix}.{index}."
+        if onload is not None:
+            layer.to(onload)
+            move_layer_state(cal, index, onload)
         targets = {n[len(layer_prefix):]: model.get_submodule(n) for n in sorted(planned) if n.startswith(layer_prefix)}
         schemes = {n[len(layer_prefix):]: s for n, s in planned.items() if n.startswith(layer_prefix)}
         advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
@@ -365,6 +425,10 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
             block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
         progress.set_postfix(mse=error["mse"], rtn=error["rtn_mse"])
         advance(layer, index, cal, "q")
+        if onload is not None:
+            layer.to(host)
+            move_layer_state(cal, index, host)
+            block = {name: QuantizedWeight(*_to((q.weight, q.scale, q.zero_point), host)) for name, q in block.items()}
         results.update({layer_prefix + name: q for name, q in block.items()})
         errors.append(error)
     return BlockwiseResult(results, errors)

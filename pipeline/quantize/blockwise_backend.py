@@ -46,6 +46,30 @@ def save_compressed_tensors(model, folder: Path) -> None:
     model.save_pretrained(folder, save_compressed=True)
 
 
+def spread(model, budgets: list[int] | dict) -> dict:
+    """The model placed over the devices within their budgets by accelerate (infer_auto_device_map,
+    decoder layers never split; dispatch_model's hooks move activations between devices): one GPU,
+    several (multi-GPU without recipe changes), or a `{"cpu": bytes}` budget, the same code path on a
+    machine without a GPU. Returns the device map."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    max_memory = dict(enumerate(budgets)) if isinstance(budgets, list) else dict(budgets)
+    device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                       no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []))
+    if set(device_map.values()) - set(max_memory):
+        raise RuntimeError(f"the model does not fit on {sorted(map(str, max_memory))} within {max_memory}")
+    dispatch_model(model, device_map)
+    return device_map
+
+
+def gather(model) -> None:
+    """Back to the host in one piece, accelerate's hooks removed."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    remove_hook_from_submodules(model)
+    model.cpu()
+
+
 def _weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -53,22 +77,33 @@ def _weight_bytes(model) -> int:
 class BlockwiseBackend:
     """`algorithm: autoround` runs auto-round's SignRound, `algorithm: gptq` llmcompressor's GPTQ solver."""
 
-    def __init__(self, algorithm: str):
+    def __init__(self, algorithm: str, memory=None):
         self.name = {"autoround": "auto-round", "gptq": "llmcompressor"}[algorithm]
+        self.memory = memory  # pipeline.memory.MemoryPlan: where the blocks run
         self.report: dict = {}
+
+    def placement(self, model) -> str:
+        """The memory plan's GPU placement; without one, the whole model on the GPU when it fits."""
+        if self.memory is not None:
+            return self.memory.gpu
+        if torch.cuda.is_available() and _weight_bytes(model) < 0.8 * torch.cuda.mem_get_info()[0]:
+            return "whole-model"
+        return "none"
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
         if data is None:
             raise ValueError(f"algorithm {recipe.algorithm!r} needs calibration data")
         model.eval()
-        on_gpu = torch.cuda.is_available() and _weight_bytes(model) < 0.8 * torch.cuda.mem_get_info()[0]
-        if on_gpu:  # whole model on the GPU when it fits; larger models are the big-model issue's
-            model.cuda()
+        placement = self.placement(model)
+        if placement == "whole-model":
+            spread(model, self.memory.gpu_budget_bytes if self.memory else [torch.cuda.mem_get_info(0)[0]])
+        onload = torch.device("cuda", 0) if placement == "per-layer" else None
         try:
-            result = quantize_blockwise(model, plan, recipe, data.tokens, data.work_dir / CHECKPOINTS, data.sha256)
+            result = quantize_blockwise(model, plan, recipe, data.tokens, data.work_dir / CHECKPOINTS, data.sha256,
+                                        onload=onload)
         finally:
-            if on_gpu:
-                model.cpu()
+            if placement == "whole-model":
+                gather(model)
         attach_grids(model, plan, recipe, result.grids)
         self.report = {"block_errors": result.block_errors}
 

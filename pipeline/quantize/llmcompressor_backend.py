@@ -79,6 +79,7 @@ class LLMCompressorBackend:
     name = "llmcompressor"
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data=None) -> None:  # RTN weights need no data
+        from compressed_tensors.offload import update_offload_parameter
         from llmcompressor import oneshot
         from llmcompressor.modeling.moe.linearize import repack_moe
         from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -106,7 +107,9 @@ class LLMCompressorBackend:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in vectors and not torch.equal(param, vectors[name]):
-                    param.copy_(vectors[name])
+                    # through compressed-tensors so that a disk-offloaded module's stored copy changes too
+                    owner, _, attribute = name.rpartition(".")
+                    update_offload_parameter(model.get_submodule(owner), attribute, vectors[name])
         # oneshot unfuses MoE experts into per-expert linears (`experts.<i>.<gate|up|down>_proj`, the
         # names the plan gives quantized experts). Kept experts are fused back, the layout transformers
         # loads; quantized ones stay per expert for the packed exports (its fused layout loads as random).

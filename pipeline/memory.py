@@ -1,0 +1,303 @@
+"""The memory plan: how the quantize run will hold the model within its memory budget, decided from
+the plan (config only) before any weight is loaded.
+
+Two modes:
+- all-at-once: the whole BF16 model is resident in host RAM (and, for the calibrated block driver
+  when a GPU is present, on the GPUs, over several through accelerate's device map).
+- sequential: only the non-layer parts and about one decoder layer are resident at a time. On the
+  host, layers that do not fit are offloaded to disk (transformers/accelerate `device_map` +
+  `offload_folder`, converted to compressed-tensors' offload, which llmcompressor onloads module by
+  module). On the GPU, the block driver onloads one decoder layer at a time and keeps its
+  per-layer state in host RAM.
+
+The numbers are estimates of tensor bytes (the plan's exact BF16/export sizes plus activation and
+calibration-state estimates), not of the Python process: libraries and allocator overhead come on top.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from pipeline.plan import Plan
+from pipeline.recipe import MemorySpec, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+
+def disk_offload_supported(recipe: Recipe) -> bool:
+    """llmcompressor's RTN runs on compressed-tensors' offload and saves compressed-tensors from it.
+    auto-round's RTN and the block driver set `module.weight.data`, which an offloaded module drops,
+    the packed exports (gptq, auto-round, MoE experts) read every weight in memory, and text-only
+    builds load through their own key mapping."""
+    return (recipe.backend == "llmcompressor" and recipe.export == "compressed-tensors"
+            and recipe.modalities == "all")
+
+
+class MemoryBudgetError(RecipeError):
+    """The budget cannot hold even the sequential mode; raised in the plan stage, before any weight loads."""
+
+
+class MemoryPlan(BaseModel):
+    mode: Literal["all-at-once", "sequential"]
+    host: Literal["resident", "disk-offload"]
+    gpu: Literal["none", "whole-model", "per-layer"]
+    cpu_budget_bytes: int
+    gpu_budget_bytes: list[int]  # per visible GPU
+    budget_source: dict[str, str]  # where each budget came from: recipe, cli or free memory
+    model_bf16_bytes: int
+    non_layer_bytes: int  # embeddings, towers, lm_head, norms: resident in every mode
+    layer_bytes: dict[int, int]  # per decoder layer, BF16
+    largest_layer: int
+    largest_layer_bytes: int
+    largest_layer_export_bytes: int  # its quantized copy, held beside it while it is quantized
+    activation_bytes: int  # one forward of the probe or one calibration batch
+    calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains, on the host
+    needs: dict[str, int]  # cpu/gpu need of each mode
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title=f"memory plan: {self.mode} (host {self.host}, GPU {self.gpu})")
+        table.add_column("part")
+        table.add_column("bytes", justify="right")
+        rows = [("whole model, BF16", self.model_bf16_bytes), ("non-layer parts (always resident)", self.non_layer_bytes),
+                (f"largest decoder layer ({self.largest_layer}) of {len(self.layer_bytes)}", self.largest_layer_bytes),
+                ("its quantized copy", self.largest_layer_export_bytes), ("activations", self.activation_bytes),
+                ("calibration state (host)", self.calibration_state_bytes)]
+        rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
+        rows.append((f"budget: host ({self.budget_source['cpu']})", self.cpu_budget_bytes))
+        rows += [(f"budget: GPU {i} ({self.budget_source['gpu']})", b) for i, b in enumerate(self.gpu_budget_bytes)]
+        for name, value in rows:
+            table.add_row(name, human(value))
+        return table
+
+    def render(self) -> str:
+        from rich.console import Console
+
+        out = io.StringIO()
+        Console(file=out, width=100).print(self.table())
+        return out.getvalue()
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def resolve_budget(spec: MemorySpec, overrides: MemorySpec | None = None) -> tuple[int, list[int], dict[str, str]]:
+    """Host and per-GPU budgets: the CLI's over the recipe's over what the machine has free now."""
+    import psutil
+    import torch
+
+    overrides = overrides or MemorySpec()
+    source = {}
+
+    def pick(key: str, free):
+        for origin, value in (("cli", getattr(overrides, key)), ("recipe", getattr(spec, key))):
+            if value is not None:
+                source[key.split("_")[1]] = origin
+                return value
+        source[key.split("_")[1]] = "free memory"
+        return free()
+
+    cpu = pick("max_cpu_memory", lambda: psutil.virtual_memory().available)
+    gpus = [pick("max_gpu_memory", lambda i=i: torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
+    source.setdefault("gpu", "none visible")
+    return cpu, gpus, source
+
+
+def activation_bytes(recipe: Recipe, text_config) -> int:
+    """FP32 activations of one forward: the probe's logits (every run), or one calibration sample
+    through one block (hidden, MLP intermediate, attention scores)."""
+    from pipeline.reload import PROBE_SEQUENCES, PROBE_TOKENS
+
+    fields = text_config.to_dict()  # per-layer attributes refuse a global read; the dict has them all
+    hidden, vocab = fields["hidden_size"], fields["vocab_size"]
+    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
+    if fields.get("use_double_wide_mlp"):
+        intermediate *= 2
+    probe = PROBE_SEQUENCES * PROBE_TOKENS
+    need = probe * (vocab * 3 + 4 * hidden + 2 * intermediate) * 4
+    if recipe.calibrated:
+        seq = recipe.calibration.seq_len
+        per_sample = seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
+        need = max(need, 3 * per_sample)  # AutoRound/GPTQ keep the block's inputs, outputs and gradients
+    return need
+
+
+def calibration_state_bytes(recipe: Recipe, text_config) -> int:
+    """The block driver's host-side state: both chains' hidden states and the recorded layer inputs
+    (PLE slices, rotary tables, masks) for every calibration sample."""
+    if not recipe.calibrated:
+        return 0
+    samples, seq = recipe.calibration.samples, recipe.calibration.seq_len
+    fields = text_config.to_dict()  # head_dim may vary per layer: the config refuses a global read
+    layers = fields["num_hidden_layers"]
+    ple = fields.get("hidden_size_per_layer_input") or 0
+    head = max(fields.get("head_dim") or 0, fields.get("global_head_dim") or 0)
+    chains = 2 * samples * seq * fields["hidden_size"] * 2
+    # each layer's own PLE slice; the rotary tables and masks are one tensor per layer type, shared
+    recorded = samples * (layers * seq * ple * 2 + 2 * (seq * head * 2 * 4 + seq * seq))
+    return chains + recorded
+
+
+def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_budgets: list[int],
+                budget_source: dict[str, str], recipe_path: str | Path = "<recipe>") -> MemoryPlan:
+    """Choose the mode that fits (all-at-once first), or raise MemoryBudgetError naming the budget,
+    the need and what would fit."""
+    layers = plan.layer_bytes()
+    if not layers:
+        raise ValueError("the plan has no decoder layers")
+    largest = max(layers, key=layers.get)
+    largest_export = max(plan.layer_bytes(export=True).values())
+    non_layer = plan.bf16_bytes - sum(layers.values())
+    act = activation_bytes(recipe, text_config)
+    state = calibration_state_bytes(recipe, text_config)
+    on_gpu = bool(gpu_budgets)
+    one_layer = layers[largest] + largest_export
+    needs = {
+        "all_at_once_host": plan.bf16_bytes + largest_export + state + (0 if on_gpu else act),
+        "sequential_host": non_layer + one_layer + state + (0 if on_gpu else act),
+    }
+    if on_gpu:
+        needs["all_at_once_gpu"] = plan.bf16_bytes + act
+        needs["sequential_gpu"] = non_layer + one_layer + act
+    fields = dict(cpu_budget_bytes=cpu_budget, gpu_budget_bytes=gpu_budgets, budget_source=budget_source,
+                  model_bf16_bytes=plan.bf16_bytes, non_layer_bytes=non_layer, layer_bytes=layers,
+                  largest_layer=largest, largest_layer_bytes=layers[largest],
+                  largest_layer_export_bytes=largest_export, activation_bytes=act,
+                  calibration_state_bytes=state, needs=needs)
+
+    if needs["all_at_once_host"] <= cpu_budget:
+        host = "resident"
+    elif needs["sequential_host"] <= cpu_budget and disk_offload_supported(recipe):
+        host = "disk-offload"
+    else:
+        offload = disk_offload_supported(recipe)
+        fits = needs["sequential_host"] if offload else needs["all_at_once_host"]
+        raise MemoryBudgetError(
+            _budget_origin(recipe_path, budget_source["cpu"], "--max-cpu-memory"), "memory.max_cpu_memory",
+            f"the host budget {human(cpu_budget)} ({budget_source['cpu']}) cannot hold this run: all-at-once needs "
+            f"{human(needs['all_at_once_host'])}, sequential (one decoder layer resident, the rest offloaded to disk) "
+            f"needs {human(needs['sequential_host'])}"
+            + ("" if offload else f", but only RTN through llmcompressor exported as compressed-tensors runs "
+                                  f"disk-offloaded (this recipe: {recipe.algorithm} on {recipe.backend}, "
+                                  f"export {recipe.export})")
+            + f"; a budget of at least {human(fits)} would fit")
+
+    gpu = "none"
+    if on_gpu:
+        if needs["all_at_once_gpu"] <= sum(gpu_budgets) and recipe.backend == "blockwise":
+            gpu = "whole-model"  # spread over the GPUs by accelerate's device map
+        elif needs["sequential_gpu"] <= max(gpu_budgets):
+            gpu = "per-layer"  # llmcompressor's RTN always onloads module by module to the GPU
+        else:
+            raise MemoryBudgetError(
+                _budget_origin(recipe_path, budget_source["gpu"], "--max-gpu-memory"), "memory.max_gpu_memory",
+                f"the GPU budget {human(max(gpu_budgets))} per GPU ({budget_source['gpu']}) cannot hold one decoder "
+                f"layer: sequential needs {human(needs['sequential_gpu'])} on one GPU "
+                f"(all-at-once {human(needs['all_at_once_gpu'])} over all); a budget of at least "
+                f"{human(needs['sequential_gpu'])} would fit")
+    mode = "all-at-once" if host == "resident" and gpu in ("none", "whole-model") else "sequential"
+    return MemoryPlan(mode=mode, host=host, gpu=gpu, **fields)
+
+
+def _budget_origin(recipe_path, origin: str, flag: str) -> str:
+    return flag if origin == "cli" else str(recipe_path)
+
+
+def device_map(meta_model, memory: MemoryPlan) -> dict[str, int | str]:
+    """accelerate's device map within the budgets: GPUs first (each its own budget) when the whole model
+    goes on them, then host RAM, then disk. Decoder layers are never split. On a CPU-only machine the
+    same call places what fits in host RAM and sends the rest to disk."""
+    from accelerate import infer_auto_device_map
+
+    max_memory: dict[int | str, int] = {}
+    if memory.gpu == "whole-model":
+        max_memory.update(enumerate(memory.gpu_budget_bytes))
+    # Host room for weights: the budget less what the run holds beside them.
+    max_memory["cpu"] = max(memory.cpu_budget_bytes - (memory.needs["sequential_host"] - memory.non_layer_bytes
+                                                       - memory.largest_layer_bytes), 0)
+    return infer_auto_device_map(meta_model, max_memory=max_memory, dtype="bfloat16",
+                                 no_split_module_classes=list(getattr(meta_model, "_no_split_modules", None) or []))
+
+
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation above `threshold` with its own mmap, returned to the system when
+    freed. Its default threshold grows up to 32 MiB as large blocks are freed, after which each onloaded
+    layer lands in the heap and stays in the process's RSS when released: measured on a 342 MiB model,
+    sequential's peak anonymous RSS grew by ~270 MiB over one probe forward, and by ~5 MiB with this.
+    No-op (False) off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
+    """The source model loaded as the memory plan says: fully in host RAM, or with the layers that
+    do not fit offloaded to disk (compressed-tensors' offload, which llmcompressor onloads per module)."""
+    import torch
+
+    from pipeline.model import build_meta_model, load_model, model_class
+
+    if memory.host == "resident":
+        return load_model(source, config)
+    from compressed_tensors.offload import load_offloaded_model
+
+    return_freed_memory()
+
+    placement = device_map(build_meta_model(config), memory)
+    on_disk = sorted(name for name, where in placement.items() if where == "disk")
+    log.info("sequential: %d of %d modules offloaded to %s", len(on_disk), len(placement), offload_dir)
+    shutil.rmtree(offload_dir, ignore_errors=True)  # left by an interrupted run
+    offload_dir.mkdir(parents=True)
+    cls = model_class(config)
+    with load_offloaded_model(cls):
+        return cls.from_pretrained(source.ref, revision=source.spec.revision, dtype=torch.bfloat16,
+                                   device_map=placement, offload_folder=str(offload_dir))
+
+
+@contextmanager
+def quantized_forward_per_layer(model):
+    """Forwards of a disk-offloaded, quantized model that compute what the export holds.
+
+    compressed-tensors' quantized forward fake-quantizes the onloaded weight in place for the call, then
+    reads `self.weight` again: a disk-offloaded module onloads a fresh, unquantized copy there, so its
+    output skips quantization (measured: every disk-offloaded Linear computed with BF16 weights). Inside
+    `disable_offloading` a weight onloads once; entered per decoder layer, one layer stays resident."""
+    from compressed_tensors.offload import disable_offloading
+
+    from pipeline.quantize.blockwise import decoder_layers
+
+    _, layers = decoder_layers(model)
+    stack = ExitStack()
+
+    def enter(module, args) -> None:
+        stack.enter_context(disable_offloading())
+
+    def leave(module, args, output) -> None:
+        stack.close()
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter),
+                                                layer.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        stack.close()
