@@ -15,7 +15,7 @@ from pipeline.quantize.qat_repack import OffGrid, fit_grid
 from pipeline.recipe import parse_recipe
 from pipeline.run import quantize_run
 
-from test_quantize import _tensors
+from conftest import read_tensors
 
 GROUP = 32
 
@@ -73,7 +73,7 @@ def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant):
     weights = qconfig["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, GROUP, True)
 
-    stored = _tensors(export)
+    stored = read_tensors(export)
     for name, (ints, d) in grids.items():
         shape = torch.Size(stored[f"{name}.weight_shape"].tolist())
         assert torch.equal(unpack_from_int32(stored[f"{name}.weight_packed"], 4, shape), ints), name
