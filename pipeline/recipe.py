@@ -30,16 +30,12 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 PLE = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
 SUBMODULE_GROUPS = {"attention": ATTENTION, "mlp": MLP, "ple": PLE}
 SUBMODULES = (*ATTENTION, *MLP, *PLE)
-# What each algorithm runs on. Later algorithms (AutoRound, GPTQ) are named in the schema so
-# recipes can be written for them; `available_algorithms` says which this version executes.
+# The backend (pipeline/quantize/) that runs each algorithm by default.
 ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise", "qat-repack": "qat-repack"}
 # The library each algorithm can run on (the first is the default). AutoRound's SignRound and GPTQ's
 # solver run inside our block driver; RTN runs as either library's own pass.
 ALGORITHM_LIBRARIES = {"rtn": ("llmcompressor", "auto-round"), "autoround": ("auto-round",), "gptq": ("llmcompressor",),
                        "qat-repack": ()}
-# compressed-tensors for vLLM/SGLang/transformers; `gptq` (AutoGPTQ layout) and `auto-round` (auto-round's
-# native format) for stacks that load those. All three hold the same integers (pipeline/formats.py).
-EXPORT_FORMATS = ("compressed-tensors", "gptq", "auto-round")
 CALIBRATED_ALGORITHMS = ("autoround", "gptq")
 QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
 
@@ -309,6 +305,8 @@ class Recipe(_Strict):
     quantize_experts: bool = False
     # text: leave out the vision and audio towers and projectors; the export loads as a text model.
     modalities: Literal["all", "text"] = "all"
+    # compressed-tensors for vLLM/SGLang/transformers; `gptq` (AutoGPTQ layout) and `auto-round` (auto-round's
+    # native format) for stacks that load those. All three hold the same integers (pipeline/formats.py).
     export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
     output_dir: str | None = None
     reload_check: bool = True
