@@ -373,8 +373,8 @@ class Recipe(_Strict):
             raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
                             f"available: {', '.join(ALGORITHM_BACKENDS)}")
         if self.kv_cache and self.export != "compressed-tensors":
-            raise _KeyError("kv_cache", f"FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
-                            f"--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")
+            raise _KeyError("kv_cache", "FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
+                            "--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")
         if self.kv_cache and self.backend != "llmcompressor":
             raise _KeyError("kv_cache", f"FP8 KV-cache scales are calibrated by the RTN pass only in this version; "
                             f"use algorithm: rtn with kv_cache: fp8, or drop kv_cache for {self.algorithm}")
