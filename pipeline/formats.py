@@ -119,8 +119,8 @@ def block_prefix(plan: Plan) -> str:
 
 
 def kept_names(plan: Plan) -> list[str]:
-    """Every Linear and fused expert block kept in BF16 (the plan's ignore list without patterns)."""
-    return [m.name for m in plan.modules if not m.quantize and m.kind in ("linear", "experts")]
+    """Every Linear and fused expert block kept in BF16: the plan's ignore list without its patterns."""
+    return [name for name in plan.ignore if not name.startswith("re:")]
 
 
 def quantization_config(fmt: ExportFormat, plan: Plan, recipe: Recipe) -> dict:
