@@ -363,9 +363,6 @@ class Recipe(_Strict):
         if self.quantize_experts and self.export == "compressed-tensors":
             raise _KeyError("quantize_experts", "quantized MoE experts need export: auto-round or gptq; transformers "
                             "5.17 loads compressed-tensors' per-expert layout with the experts silently random")
-        if self.quantize_experts and self.algorithm in CALIBRATED_ALGORITHMS:
-            raise _KeyError("quantize_experts", f"{self.algorithm} does not calibrate MoE experts in this version "
-                            f"(experts that see no calibration tokens need a routing strategy); use algorithm: rtn")
         if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
             runs_on = " or ".join(ALGORITHM_LIBRARIES[self.algorithm]) or "no library (it only repacks)"
             raise _KeyError("library", f"{self.algorithm} runs on {runs_on}, not {self.library}")

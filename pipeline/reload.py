@@ -16,6 +16,7 @@ from pipeline.formats import COMPRESSED_TENSORS, FORMATS, ExportFormat
 
 PROBE_SEQUENCES = 2
 PROBE_TOKENS = 64
+RELOAD_KL_LIMIT = 0.05  # nats per token, reloaded vs in-memory quantized model
 
 
 class LogitComparison(BaseModel):
@@ -37,10 +38,15 @@ class ReloadReport(BaseModel):
         for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             if keys := getattr(self, kind):
                 found.append(f"{len(keys)} {kind.replace('_', ' ')} on reload, e.g. {keys[:3]}")
-        # The reloaded model must compute what the in-memory quantized model computed.
-        if self.vs_in_memory.top1_agreement < 0.99:
+        # The reloaded model must compute what the in-memory quantized model computed. Judged by KL:
+        # the loaders' kernels may compute in another precision or order than the in-memory model,
+        # which flips near-tied top-1 tokens of random tiny models (dense: KL ~4e-4; MoE, whose
+        # reloaded experts sum in another order and flip router ties: up to ~0.02); a weight loaded
+        # wrong costs far more (random experts, wrong integers: KL of order 1).
+        if self.vs_in_memory.kl_mean > RELOAD_KL_LIMIT:
             found.append(f"reloaded logits differ from the in-memory quantized model "
-                         f"(top-1 agreement {self.vs_in_memory.top1_agreement:.3f})")
+                         f"(KL {self.vs_in_memory.kl_mean:.4f} > {RELOAD_KL_LIMIT} nats, "
+                         f"top-1 agreement {self.vs_in_memory.top1_agreement:.3f})")
         return found
 
 

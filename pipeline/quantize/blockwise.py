@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.formats import unfuse_experts
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
+from pipeline.quantize.moe_calibration import every_expert_on_every_token, expert_reconstruction
 from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -258,22 +260,27 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     rng = random.Random(index)
     samples = len(cal.q_hidden)
     best_loss, best = float("inf"), {}
-    for _ in range(options.iters):
-        picked = rng.sample(range(samples), min(options.batch_size, samples))
-        loss = 0.0
-        optimizer.zero_grad()
-        for b in picked:
-            # A storing layer writes its K/V into the store: tuning must not overwrite the chain's.
-            store = _cast(cal.q_kv[b], torch.float32)
-            pred = run_layer(layer, cal.q_hidden[b].float(), inputs[b], store)
-            sample_loss = torch.nn.functional.mse_loss(pred, fp_out[b].float()) / len(picked)
-            sample_loss.backward()
-            loss += sample_loss.item()
-        if loss < best_loss:
-            best_loss = loss
-            best = {name: {k: p.detach().clone() for k, p in w.params.items()} for name, w in wrapped.items()}
-        optimizer.step()
-        schedule.step()
+    with expert_reconstruction(layer) as expert_errors:
+        for _ in range(options.iters):
+            picked = rng.sample(range(samples), min(options.batch_size, samples))
+            loss = 0.0
+            optimizer.zero_grad()
+            for b in picked:
+                # A storing layer writes its K/V into the store: tuning must not overwrite the chain's.
+                store = _cast(cal.q_kv[b], torch.float32)
+                expert_errors.clear()
+                pred = run_layer(layer, cal.q_hidden[b].float(), inputs[b], store)
+                sample_loss = torch.nn.functional.mse_loss(pred, fp_out[b].float())
+                if expert_errors:  # MoE: every expert's own error over all tokens (moe_calibration)
+                    sample_loss = sample_loss + torch.stack(expert_errors).mean()
+                sample_loss = sample_loss / len(picked)
+                sample_loss.backward()
+                loss += sample_loss.item()
+            if loss < best_loss:
+                best_loss = loss
+                best = {name: {k: p.detach().clone() for k, p in w.params.items()} for name, w in wrapped.items()}
+            optimizer.step()
+            schedule.step()
     unwrapper_block(layer, best)
     layer.to(dtype)
     results = {}
@@ -372,6 +379,8 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
                 "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
     if recipe.overrides:  # only then: keys of recipes without overrides stay as they were
         settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
+    if recipe.quantize_experts:
+        settings["quantize_experts"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -393,7 +402,17 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
     if outside:
         raise ValueError(f"calibrated algorithms quantize the text decoder only; the plan also quantizes {outside[:3]}")
-    saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
+    if any(m.component == "moe_experts" for m in plan.quantized):
+        unfuse_experts(model)  # per-expert Linears: what the algorithms tune and the packed exports store
+    with every_expert_on_every_token(model):
+        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
+        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload)
+
+
+def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: dict[str, WeightScheme],
+                     recipe: Recipe, saved_dir: Path, tokens: torch.Tensor,
+                     onload: torch.device | None) -> BlockwiseResult:
+    """quantize_blockwise's loop over the decoder layers, MoE experts already set to see every token."""
     saved_dir.mkdir(parents=True, exist_ok=True)
     host = torch.device("cpu") if onload is not None else None
     with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
