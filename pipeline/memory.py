@@ -60,6 +60,7 @@ class MemoryPlan(BaseModel):
     largest_layer_export_bytes: int  # its quantized copy, held beside it while it is quantized
     activation_bytes: int  # one forward of the probe or one calibration batch
     calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains, on the host
+    solver_state_bytes: int = 0  # what the calibrated algorithm holds for the block it solves
     needs: dict[str, int]  # cpu/gpu need of each mode
 
     def table(self):
@@ -71,7 +72,8 @@ class MemoryPlan(BaseModel):
         rows = [("whole model, BF16", self.model_bf16_bytes), ("non-layer parts (always resident)", self.non_layer_bytes),
                 (f"largest decoder layer ({self.largest_layer}) of {len(self.layer_bytes)}", self.largest_layer_bytes),
                 ("its quantized copy", self.largest_layer_export_bytes), ("activations", self.activation_bytes),
-                ("calibration state (host)", self.calibration_state_bytes)]
+                ("calibration state (host)", self.calibration_state_bytes),
+                ("solver state of one block", self.solver_state_bytes)]
         rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
         rows.append((f"budget: host ({self.budget_source['cpu']})", self.cpu_budget_bytes))
         rows += [(f"budget: GPU {i} ({self.budget_source['gpu']})", b) for i, b in enumerate(self.gpu_budget_bytes)]
@@ -151,6 +153,26 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
     return chains + recorded
 
 
+def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
+    """What the calibrated algorithm holds while it solves one block, beyond the block's weights and
+    activations, for the heaviest block: GPTQ one float32 Hessian [in, in] per quantized module (for
+    MoE, one per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B); SignRound the
+    block's quantized modules in float32 (+1x their BF16 bytes) and a float32 rounding offset per
+    weight with its gradient (+4x)."""
+    per_layer: dict[int, int] = {}
+    for m in plan.quantized:
+        if m.layer is None:
+            continue
+        if recipe.algorithm == "gptq":
+            need = m.shape[1] ** 2 * 4
+        elif recipe.algorithm == "autoround":
+            need = 5 * m.bf16_bytes
+        else:
+            return 0
+        per_layer[m.layer] = per_layer.get(m.layer, 0) + need
+    return max(per_layer.values(), default=0)
+
+
 def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_budgets: list[int],
                 budget_source: dict[str, str], recipe_path: str | Path = "<recipe>") -> MemoryPlan:
     """Choose the mode that fits (all-at-once first), or raise MemoryBudgetError naming the budget,
@@ -163,20 +185,22 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
     non_layer = plan.bf16_bytes - sum(layers.values())
     act = activation_bytes(recipe, text_config)
     state = calibration_state_bytes(recipe, text_config)
+    solver = solver_state_bytes(plan, recipe)
     on_gpu = bool(gpu_budgets)
     one_layer = layers[largest] + largest_export
+    working = act + solver  # where the blocks are solved: the GPU when there is one, else the host
     needs = {
-        "all_at_once_host": plan.bf16_bytes + largest_export + state + (0 if on_gpu else act),
-        "sequential_host": non_layer + one_layer + state + (0 if on_gpu else act),
+        "all_at_once_host": plan.bf16_bytes + largest_export + state + (0 if on_gpu else working),
+        "sequential_host": non_layer + one_layer + state + (0 if on_gpu else working),
     }
     if on_gpu:
-        needs["all_at_once_gpu"] = plan.bf16_bytes + act
-        needs["sequential_gpu"] = non_layer + one_layer + act
+        needs["all_at_once_gpu"] = plan.bf16_bytes + working
+        needs["sequential_gpu"] = non_layer + one_layer + working
     fields = dict(cpu_budget_bytes=cpu_budget, gpu_budget_bytes=gpu_budgets, budget_source=budget_source,
                   model_bf16_bytes=plan.bf16_bytes, non_layer_bytes=non_layer, layer_bytes=layers,
                   largest_layer=largest, largest_layer_bytes=layers[largest],
                   largest_layer_export_bytes=largest_export, activation_bytes=act,
-                  calibration_state_bytes=state, needs=needs)
+                  calibration_state_bytes=state, solver_state_bytes=solver, needs=needs)
 
     if needs["all_at_once_host"] <= cpu_budget:
         host = "resident"

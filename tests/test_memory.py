@@ -75,6 +75,46 @@ def test_budget_between_modes_chooses_sequential_and_too_small_is_refused(write_
         _memory_plan(tuned, tuned_roomy.needs["all_at_once_host"] - 1)
 
 
+def test_solver_state_is_what_gptq_allocates_for_its_heaviest_block(write_recipe, monkeypatch, tmp_path):
+    """GPTQ holds one float32 Hessian per quantized module of the block; with MoE experts every expert
+    has its own (each sees every token). The memory plan counts them from the plan: measured here."""
+    from llmcompressor.modifiers.gptq import helpers
+
+    from pipeline import calibration
+    from pipeline.model import load_config, load_model, resolve
+    from pipeline.quantize import blockwise
+    from transformers import AutoTokenizer
+
+    path = write_recipe(model="tiny:26b-a4b", scheme="W4A16", group_size=64, algorithm="gptq", quantize_experts=True,
+                        export="gptq", calibration={"samples": 2, "seq_len": 32})
+    plan, memory = _memory_plan(path)
+    allocated, block = {}, [None]
+    make_empty = helpers.make_empty_hessian
+
+    def counted(module, *args, **kwargs):
+        hessian = make_empty(module, *args, **kwargs)
+        allocated[block[0]] = allocated.get(block[0], 0) + hessian.numel() * hessian.element_size()
+        return hessian
+
+    solve = blockwise.ALGORITHMS["gptq"]
+
+    def solve_counted(layer, targets, index, *args):
+        block[0] = index
+        return solve(layer, targets, index, *args)
+
+    monkeypatch.setattr(helpers, "make_empty_hessian", counted)
+    monkeypatch.setitem(blockwise.ALGORITHMS, "gptq", solve_counted)
+    recipe = load_recipe(path)
+    source = resolve(recipe.model)
+    config = load_config(source)
+    tokens, _ = calibration.build(recipe.calibration, AutoTokenizer.from_pretrained(source.path))
+    blockwise.quantize_blockwise(load_model(source, config), plan, recipe, tokens, tmp_path, "sha")
+    experts = sum(1 for m in plan.quantized if m.layer == 0 and m.component == "moe_experts")
+    assert experts == 3 * config.get_text_config().num_experts
+    assert memory.solver_state_bytes == max(allocated.values()) > 0
+    assert "solver state of one block" in memory.render()
+
+
 def test_too_small_budget_refused_before_any_weight_loads(write_recipe, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     loads = []
