@@ -12,7 +12,9 @@ store (`KeyError: 'sliding_attention'`). Here:
 2. blocks then run one at a time on two chains, as auto-round and GPTQ propagate error: the
    unquantized chain gives each block's target outputs, the quantized chain its inputs; each
    chain keeps one shared-KV store per batch, so a KV-shared layer reads the K/V its own batch
-   wrote, through the already-quantized layers.
+   wrote, through the already-quantized layers;
+3. MoE experts (26B-A4B), unfused into per-expert Linears, see every calibration token while the
+   block's output stays the routed one (pipeline/quantize/moe_calibration.py).
 
 The algorithms are the libraries': auto-round's SignRound (WrapperLinear, SignSGD) and
 llmcompressor's GPTQ solver. Each finished block is checkpointed, so an interrupted run resumes
