@@ -159,17 +159,13 @@ def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
     MoE, one per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B); SignRound the
     block's quantized modules in float32 (+1x their BF16 bytes) and a float32 rounding offset per
     weight with its gradient (+4x)."""
+    if recipe.algorithm not in ("gptq", "autoround"):
+        return 0
     per_layer: dict[int, int] = {}
     for m in plan.quantized:
-        if m.layer is None:
-            continue
-        if recipe.algorithm == "gptq":
-            need = m.shape[1] ** 2 * 4
-        elif recipe.algorithm == "autoround":
-            need = 5 * m.bf16_bytes
-        else:
-            return 0
-        per_layer[m.layer] = per_layer.get(m.layer, 0) + need
+        if m.layer is not None:
+            need = m.shape[1] ** 2 * 4 if recipe.algorithm == "gptq" else 5 * m.bf16_bytes
+            per_layer[m.layer] = per_layer.get(m.layer, 0) + need
     return max(per_layer.values(), default=0)
 
 
