@@ -4,7 +4,7 @@ PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
 
-.PHONY: setup plan quantize sweep card publish test notebooks clean
+.PHONY: setup plan quantize sweep card publish test test-all notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,13 @@ publish: setup
 	$(BIN)/gemma-quant publish $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(filter 1,$(PRIVATE)),--private) \
 		$(if $(REVISION),--revision $(REVISION)) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FORCE)),--force)
 
+# The fast tier (tiny models, every stage): what to run after a change.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+
+# Everything CI runs: the fast tier plus the real-weight (Gemma 3 270M) tests, with the 25 slowest listed.
+test-all: setup
+	$(BIN)/python -m pytest -q --durations=25
 
 # JupyterLab on notebooks/, in the project environment: the `notebooks` extra (JupyterLab is not
 # in `dev`) installed into .venv once, against the same constraints as the tested set.

@@ -9,6 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VARIANTS = ["e2b", "e4b", "31b", "26b-a4b"]
+SLOW_TIMEOUT_S = 4500  # real-weight tests on a CPU that emulates bf16; only a hang should reach it
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def read_tensors(folder: Path) -> dict:
