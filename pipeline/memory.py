@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from pipeline.compute import ComputeDtype, cpu_computes_bf16
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
 
@@ -62,6 +63,7 @@ class MemoryPlan(BaseModel):
     calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains, on the host
     solver_state_bytes: int = 0  # what the calibrated algorithm holds for the block it solves
     needs: dict[str, int]  # cpu/gpu need of each mode
+    compute_dtype: ComputeDtype  # what the measuring forwards (probe, reload check, validation) compute in
 
     def table(self):
         from rich.table import Table
@@ -75,6 +77,8 @@ class MemoryPlan(BaseModel):
                 ("calibration state (host)", self.calibration_state_bytes),
                 ("solver state of one block", self.solver_state_bytes)]
         rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
+        if self.compute_dtype == "float32":
+            rows.append(("measuring in float32 (this CPU has no bf16 instructions)", 2 * self.model_bf16_bytes))
         rows.append((f"budget: host ({self.budget_source['cpu']})", self.cpu_budget_bytes))
         rows += [(f"budget: GPU {i} ({self.budget_source['gpu']})", b) for i, b in enumerate(self.gpu_budget_bytes)]
         for name, value in rows:
@@ -229,7 +233,16 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
                 f"(all-at-once {human(needs['all_at_once_gpu'])} over all); a budget of at least "
                 f"{human(needs['sequential_gpu'])} would fit")
     mode = "all-at-once" if host == "resident" and gpu in ("none", "whole-model") else "sequential"
-    return MemoryPlan(mode=mode, host=host, gpu=gpu, **fields)
+    return MemoryPlan(mode=mode, host=host, gpu=gpu, compute_dtype=measuring_dtype(host, gpu, needs, plan, cpu_budget),
+                      **fields)
+
+
+def measuring_dtype(host: str, gpu: str, needs: dict[str, int], plan: Plan, cpu_budget: int) -> ComputeDtype:
+    """float32 on a CPU that emulates bf16 (pipeline/compute.py), when the whole model fits the host budget
+    in float32 beside what the run holds; bf16 on a GPU, on a CPU with bf16 instructions, or when it does not fit."""
+    if gpu != "none" or host != "resident" or cpu_computes_bf16():
+        return "bfloat16"
+    return "float32" if needs["all_at_once_host"] + plan.bf16_bytes <= cpu_budget else "bfloat16"
 
 
 def _budget_origin(recipe_path, origin: str, flag: str) -> str:
@@ -268,15 +281,16 @@ def return_freed_memory(threshold: int = 128 * 1024) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
-def load_within(memory: MemoryPlan, source, config, offload_dir: Path):
-    """The source model loaded as the memory plan says: fully in host RAM, or with the layers that
-    do not fit offloaded to disk (compressed-tensors' offload, which llmcompressor onloads per module)."""
+def load_within(memory: MemoryPlan, source, config, offload_dir: Path, dtype=None):
+    """The source model loaded as the memory plan says: fully in host RAM (in `dtype`, BF16 by default),
+    or with the layers that do not fit offloaded to disk (compressed-tensors' offload, which llmcompressor
+    onloads per module; always BF16, as the plan counts it)."""
     import torch
 
     from pipeline.model import build_meta_model, load_model, model_class
 
     if memory.host == "resident":
-        return load_model(source, config)
+        return load_model(source, config, dtype=dtype or torch.bfloat16)
     from compressed_tensors.offload import load_offloaded_model
 
     return_freed_memory()

@@ -118,11 +118,11 @@ def build_meta_model(config):
         return model_class(config).from_config(config, dtype=torch.bfloat16)
 
 
-def load_model(source: Source, config, device_map: str | None = None):
+def load_model(source: Source, config, device_map: str | None = None, dtype=None):
     import torch
 
     return model_class(config).from_pretrained(
-        source.ref, revision=source.spec.revision, dtype=torch.bfloat16, device_map=device_map
+        source.ref, revision=source.spec.revision, dtype=dtype or torch.bfloat16, device_map=device_map
     )
 
 

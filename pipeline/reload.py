@@ -74,14 +74,15 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> LogitComparison
     )
 
 
-def load_quantized(model_cls, folder: Path, fmt: ExportFormat):
-    """The export loaded as users load its format; with transformers' load report."""
-    return model_cls.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True, **fmt.load_kwargs())
+def load_quantized(model_cls, folder: Path, fmt: ExportFormat, dtype: torch.dtype = torch.bfloat16):
+    """The export loaded as users load its format, computing in `dtype`; with transformers' load report."""
+    return model_cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **fmt.load_kwargs())
 
 
 def reload_check(folder: Path, model_cls, input_ids, reference: torch.Tensor, in_memory: torch.Tensor,
-                 fmt: ExportFormat = FORMATS[COMPRESSED_TENSORS]) -> ReloadReport:
-    model, info = load_quantized(model_cls, folder, fmt)
+                 fmt: ExportFormat = FORMATS[COMPRESSED_TENSORS], dtype: torch.dtype = torch.bfloat16) -> ReloadReport:
+    """`reference` and `in_memory` are the probe's logits computed in `dtype`, as the reloaded model's are."""
+    model, info = load_quantized(model_cls, folder, fmt, dtype)
     reloaded = logits(model, input_ids)
     return ReloadReport(
         missing_keys=sorted(info.get("missing_keys", [])),

@@ -22,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import __version__, text_only
+from pipeline.compute import computing_in, torch_dtype
 from pipeline.memory import load_within, plan_memory, quantized_forward_per_layer, resolve_budget
 from pipeline.model import Source, build_meta_model, load_config, model_class, resolve, text_config
 from pipeline.plan import Plan, build_plan
@@ -124,7 +125,9 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
             probe = reloading.probe_input_ids(tokenizer)
             backend = get_backend(recipe, tokenizer, memory_plan)
-            reference = reloading.logits(model, probe)
+            measuring = torch_dtype(memory_plan.compute_dtype)
+            with computing_in(model, measuring):
+                reference = reloading.logits(model, probe)
         data, calibration_set = None, None
         if recipe.calibrated:
             with timer.stage("calibration"):
@@ -136,7 +139,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                 data = CalibrationData(tokens, calibration_set.sha256, run_dir)
         with timer.stage("quantize"):
             backend.quantize(model, plan, recipe, data)
-            with quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext():
+            with (quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext(),
+                  computing_in(model, measuring)):
                 in_memory = reloading.logits(model, probe)
         final = run_dir / EXPORT
         staging = staging_dir(final)
@@ -149,7 +153,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
             if recipe.reload_check if reload_check is None else reload_check:
                 with timer.stage("reload_check"):
                     report = reloading.reload_check(staging, model_class(config), probe, reference, in_memory,
-                                                    export_format(recipe.export))
+                                                    export_format(recipe.export), measuring)
                 if report.problems:
                     raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
             replace_atomically(staging, final)

@@ -52,14 +52,15 @@ class TowerKeysLeft(RuntimeError):
     """Loading the text model from the multimodal checkpoint left something other than towers out."""
 
 
-def load_text_model(source, config):
-    """The source's text decoder as the text class, towers never loaded; every weight accounted for."""
+def load_text_model(source, config, dtype=None):
+    """The source's text decoder as the text class, towers never loaded; every weight accounted for
+    (in `dtype`, BF16 by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
         source.ref, revision=source.spec.revision, config=config, key_mapping=TEXT_KEY_MAPPING,
-        dtype=torch.bfloat16, output_loading_info=True)
+        dtype=dtype or torch.bfloat16, output_loading_info=True)
     not_towers = sorted(k for k in info["unexpected_keys"] if source_key(k) is not None)
     if info["missing_keys"] or not_towers or info["mismatched_keys"]:
         raise TowerKeysLeft(f"{source.spec.id}: the text model does not load cleanly from the checkpoint: "

@@ -25,10 +25,12 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pipeline import text_only
+from pipeline.compute import torch_dtype
 from pipeline.corpus import load_texts, token_windows
 from pipeline.export import ignore_problems, tensor_digest
 from pipeline.formats import (COMPRESSED_TENSORS, ExportFormat, expert_slice, export_format, fused_source,
                               kept_problems)
+from pipeline.memory import MemoryPlan, load_within
 from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
@@ -41,6 +43,7 @@ KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention mo
 
 
 class Quality(BaseModel):
+    dtype: str  # what both models computed in (float32 where the CPU emulates bf16: pipeline/compute.py)
     samples: int
     seq_len: int
     tokens: int
@@ -132,8 +135,8 @@ class LoadProblems(RuntimeError):
     """The export does not load cleanly: measuring it would measure random weights."""
 
 
-def load_export(cls, export: Path, fmt: ExportFormat):
-    model, info = load_quantized(cls, export, fmt)
+def load_export(cls, export: Path, fmt: ExportFormat, dtype: torch.dtype = torch.bfloat16):
+    model, info = load_quantized(cls, export, fmt, dtype)
     info["unexpected_keys"] = [k for k in info.get("unexpected_keys", []) if not fmt.tolerated_unexpected(k)]
     problems = [f"{len(keys)} {kind.replace('_', ' ')} when transformers loads the export, e.g. {sorted(map(str, keys))[:3]}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))]
@@ -145,14 +148,16 @@ def load_export(cls, export: Path, fmt: ExportFormat):
 def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: Path, tokenizer,
                    prompts: list[str], max_new_tokens: int) -> tuple[Quality, list[Generation]]:
     """KL(reference || quantized) per token, top-1 agreement, both perplexities and greedy
-    generations. One model resident at a time: the quantized one first (so an export that does
-    not load cleanly fails before any work), its logits kept on disk while the reference runs."""
+    generations. `reference_fn` and `quantized_fn` load the two models, both in the same dtype. One model
+    resident at a time: the quantized one first (so an export that does not load cleanly fails before any
+    work), its logits kept on disk while the reference runs."""
     model = quantized_fn()
     for i, window in enumerate(tqdm(windows.split(1), desc="quantized logits", leave=False)):
         torch.save(_window_logits(model, window), scratch / f"quantized-{i}.pt")
     quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
     model = reference_fn()
+    dtype = next(model.parameters()).dtype
     kls, agree, nll_ref, nll_q = [], [], [], []
     for i, window in enumerate(tqdm(windows.split(1), desc="reference logits", leave=False)):
         ref = torch.log_softmax(_window_logits(model, window).float(), -1)
@@ -167,7 +172,7 @@ def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: P
     kl = torch.cat(kls)
     ppl_ref, ppl_q = torch.cat(nll_ref).mean().exp().item(), torch.cat(nll_q).mean().exp().item()
     quality = Quality(
-        samples=windows.shape[0], seq_len=windows.shape[1], tokens=kl.numel(),
+        dtype=str(dtype).removeprefix("torch."), samples=windows.shape[0], seq_len=windows.shape[1], tokens=kl.numel(),
         kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
         top1_agreement=torch.cat(agree).float().mean().item(),
         ppl_reference=ppl_ref, ppl_quantized=ppl_q, ppl_ratio=ppl_q / ppl_ref,
@@ -384,20 +389,18 @@ def validate_run(run_dir: Path) -> EvalReport:
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
 
+    memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
+    dtype = torch_dtype(memory.compute_dtype)
+
     def reference():
         if text_only.wanted(recipe):
-            return text_only.load_text_model(source, config).eval()
-        if (run_dir / MEMORY_PLAN).is_file():  # within the run's memory plan: disk-offloaded if it was
-            from pipeline.memory import MemoryPlan, load_within
-
-            memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
-            return load_within(memory, source, config, scratch / "offload").eval()
-        return cls.from_pretrained(source.ref, revision=recipe.model.revision, dtype=torch.bfloat16).eval()
+            return text_only.load_text_model(source, config, dtype).eval()
+        return load_within(memory, source, config, scratch / "offload", dtype).eval()  # disk-offloaded if it was
 
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     quality, generations, load_problems = None, [], []
     try:
-        quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch,
+        quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt, dtype), windows, scratch,
                                               tokenizer, spec.prompts, spec.max_new_tokens)
     except LoadProblems as err:
         load_problems = [str(err)]

@@ -136,14 +136,19 @@ def test_too_small_budget_refused_before_any_weight_loads(write_recipe, monkeypa
     assert loads == []
 
 
-def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe):
-    all_path = write_recipe("all", model="tiny:31b", scheme="W4A16")
+def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe, monkeypatch):
+    # A disk-offloaded run measures in BF16 (its layers are onloaded as stored); the resident one measures
+    # in BF16 too where the CPU computes BF16, as here: the two runs' measurements are then comparable.
+    monkeypatch.setattr("pipeline.memory.cpu_computes_bf16", lambda: True)
+    windows = {"samples": 2, "seq_len": 64, "max_new_tokens": 4}
+    all_path = write_recipe("all", model="tiny:31b", scheme="W4A16", eval=windows)
     _, roomy = _memory_plan(all_path)
     between = (roomy.needs["sequential_host"] + roomy.needs["all_at_once_host"]) // 2
-    seq_path = write_recipe("seq", model="tiny:31b", scheme="W4A16")
+    seq_path = write_recipe("seq", model="tiny:31b", scheme="W4A16", eval=windows)
     all_manifest = quantize_run(all_path, card=False)
     seq_manifest = quantize_run(seq_path, card=False, memory=MemorySpec(max_cpu_memory=between))
     assert all_manifest["memory"]["mode"] == "all-at-once"
+    assert json.loads((all_path.parent / "runs" / "all" / MEMORY_PLAN).read_text())["compute_dtype"] == "bfloat16"
     assert (seq_manifest["memory"]["mode"], seq_manifest["memory"]["host"]) == ("sequential", "disk-offload")
     seq_run = seq_path.parent / "runs" / "seq"
     assert json.loads((seq_run / MEMORY_PLAN).read_text())["budget_source"]["cpu"] == "cli"

@@ -12,7 +12,7 @@ from pipeline import reload as reloading
 from pipeline.export import ExportIncomplete, ignore_problems
 from pipeline.model import ModelSpec, resolve
 from pipeline.plan import Plan
-from pipeline.run import ReloadFailed, quantize_run
+from pipeline.run import MEMORY_PLAN, ReloadFailed, quantize_run
 
 from conftest import VARIANTS, read_tensors
 
@@ -101,12 +101,13 @@ def test_reloaded_logits_stay_close(runs, variant):
     from transformers import AutoTokenizer
 
     probe = reloading.probe_input_ids(AutoTokenizer.from_pretrained(source))
-    reference = reloading.logits(AutoModelForImageTextToText.from_pretrained(source, dtype=torch.bfloat16), probe)
+    dtype = getattr(torch, json.loads((runs(variant, "W8A16")[1] / MEMORY_PLAN).read_text())["compute_dtype"])
+    reference = reloading.logits(AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), probe)
     kl = {}
     for scheme in ("W8A16", "W4A16"):
         manifest, run_dir = runs(variant, scheme)
         model, info = AutoModelForImageTextToText.from_pretrained(
-            run_dir / "export", dtype=torch.bfloat16, output_loading_info=True)
+            run_dir / "export", dtype=dtype, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         got = reloading.compare(reference, reloading.logits(model, probe))
         assert got.kl_mean == pytest.approx(manifest["reload"]["vs_unquantized"]["kl_mean"], rel=1e-4)
@@ -118,7 +119,7 @@ def test_reloaded_logits_stay_close(runs, variant):
     # echo the current token, so its top-1 agreement is high; its KL is what sets the scale.)
     other = resolve(ModelSpec(id=f"tiny:{variant}", seed=1)).path
     unrelated = reloading.compare(
-        reference, reloading.logits(AutoModelForImageTextToText.from_pretrained(other, dtype=torch.bfloat16), probe))
+        reference, reloading.logits(AutoModelForImageTextToText.from_pretrained(other, dtype=dtype), probe))
     assert kl["W8A16"] < 0.2 * unrelated.kl_mean and kl["W4A16"] < 0.5 * unrelated.kl_mean
 
 
