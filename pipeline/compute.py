@@ -29,6 +29,11 @@ def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(words & _BF16_FLAGS)
 
 
+def host_compute_dtype() -> ComputeDtype:
+    """What a model held in this host's RAM measures in: float32 where the CPU emulates bf16."""
+    return "bfloat16" if cpu_computes_bf16() else "float32"
+
+
 def torch_dtype(name: ComputeDtype) -> torch.dtype:
     return getattr(torch, name)
 

@@ -136,6 +136,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
 
     from transformers import AutoTokenizer
 
+    from pipeline.compute import computing_in, host_compute_dtype, torch_dtype
     from pipeline.corpus import load_texts, token_windows
     from pipeline.export import folder_bytes, write_export
     from pipeline.formats import export_format
@@ -155,6 +156,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
     reference = load_model(source, config).eval()
+    measuring = torch_dtype(host_compute_dtype())  # the measurements only; every policy quantizes BF16 weights
     data = _calibration(recipe, tokenizer, out_dir) if recipe.calibrated else None
     results = []
     for policy in policies:
@@ -171,8 +173,10 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
             write_export(model, backend, source, variant, plan, export)
             del model
             fmt = export_format(variant.export)
-            quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt), windows,
-                                        work, tokenizer, [], 1)
+            with computing_in(reference, measuring):
+                quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt,
+                                                                                   measuring),
+                                            windows, work, tokenizer, [], 1)
             sizes = measure_sizes(export, None, plan, fmt)
             results.append(PolicyResult(
                 policy=policy.name, description=policy.description,

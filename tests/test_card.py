@@ -53,6 +53,7 @@ def test_body_quotes_the_measured_numbers(validated_run):
                 f"| bits per quantized parameter | {s['bits_per_quantized_param']:.3f} (int4 plus a BF16 scale per 128"):
         assert row in text
     assert "2 windows of 64 tokens (128 tokens scored)" in text and "built-in held-out text" in text
+    assert f"both models computing in {q['dtype']}" in text and q["dtype"] in ("float32", "bfloat16")
     assert "- none set in the recipe" in text and "**Validation: passed**" in text
     assert "| calibration | none (RTN is data-free) |" in text
     assert "one BF16 scale per group of 128 input features" in text

@@ -225,7 +225,7 @@ def test_compare_schemes_on_real_gemma3_270m(run_notebook):
     assert "gguf:gemma3-270m" in _text(nb)
 
 
-
+@pytest.mark.slow  # real weights: minutes of BF16 decoding (the cache is measured in the dtype it is served in)
 def test_kv_cache_notebook_generates_on_gemma3_270m_and_tabulates_memory_and_quality(run_notebook):
     import csv
 
