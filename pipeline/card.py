@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pipeline.plan import WHY_KEPT, Plan
 from pipeline.recipe import RECIPES_DIR, Recipe
 from pipeline.run import EXPORT, MANIFEST, PLAN, write_json_atomically
+from pipeline.runlock import holds_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,7 @@ def render_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
     return ModelCard(f"---\n{metadata(facts).to_yaml()}\n---\n\n{body}")
 
 
+@holds_run_lock
 def write_card(run_dir: Path, repo_id: str | None = None) -> Path:
     """Write export/README.md and record its checksum in the manifest, so `publish` can tell
     the card gemma-quant wrote from one edited since. The usage snippets name `repo_id`, else the

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.recipe import RecipeError
+from pipeline.runlock import RunDirBusy
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -54,7 +56,7 @@ def cmd_plan(args) -> None:
 
     plan = plan_run(args.recipe, args.run_dir)
     show_plan(plan)
-    console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}")
+    console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}", markup=False)
     show_memory_plan(args.recipe, plan, _memory_flags(args))
 
 
@@ -151,8 +153,6 @@ def cmd_card(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from rich.markup import escape
-
     from pipeline.publish import PublishError, describe, prepare, publish
 
     try:
@@ -269,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate, "card": cmd_card,
                 "publish": cmd_publish, "sweep": cmd_sweep}[args.verb](args) or 0
     except RecipeError as err:
-        console.print(f"[bold red]recipe error[/] {err}", highlight=False)
+        console.print(f"[bold red]recipe error[/] {escape(str(err))}", highlight=False)
         return 2
+    except RunDirBusy as err:
+        console.print(f"[bold red]run directory busy[/] {escape(str(err))}", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

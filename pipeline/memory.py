@@ -31,6 +31,8 @@ from pipeline.recipe import MemorySpec, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
+OFFLOAD_MARKER = ".gemma-quant-offload"
+
 
 
 def disk_offload_supported(recipe: Recipe) -> bool:
@@ -202,6 +204,13 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
                   largest_layer_export_bytes=largest_export, activation_bytes=act,
                   calibration_state_bytes=state, solver_state_bytes=solver, needs=needs)
 
+    if state + act > cpu_budget and recipe.calibrated:  # the data alone cannot fit: say which key is too large
+        c = recipe.calibration
+        too_large = "calibration.samples" if state >= act else "calibration.seq_len"
+        raise MemoryBudgetError(
+            recipe_path, too_large, f"{c.samples:,} samples of {c.seq_len:,} tokens need {human(state + act)} for "
+            f"the calibration state and activations alone, more than the host budget {human(cpu_budget)} "
+            f"({budget_source['cpu']}); the shipped recipes use 128-512 samples of 512-2048 tokens")
     if needs["all_at_once_host"] <= cpu_budget:
         host = "resident"
     elif needs["sequential_host"] <= cpu_budget and disk_offload_supported(recipe):
@@ -300,6 +309,7 @@ def load_within(memory: MemoryPlan, source, config, offload_dir: Path, dtype=Non
     log.info("sequential: %d of %d modules offloaded to %s", len(on_disk), len(placement), offload_dir)
     shutil.rmtree(offload_dir, ignore_errors=True)  # left by an interrupted run
     offload_dir.mkdir(parents=True)
+    (offload_dir / OFFLOAD_MARKER).touch()  # a later run may remove this folder: it made it
     cls = model_class(config)
     with load_offloaded_model(cls):
         return cls.from_pretrained(source.ref, revision=source.spec.revision, dtype=torch.bfloat16,

@@ -6,6 +6,7 @@ built once into a cache folder so every later stage treats it like any local che
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.recipe import GEMMA3_270M, ModelSpec
+from pipeline.recipe import GEMMA3_270M, ModelSpec, RecipeError, clip, looks_local, shown
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,40 @@ def load_config(source: Source):
 
         log.warning("%s: Hub unreachable, planning from the bundled copy of its config", source.spec.id)
         return AutoConfig.for_model(**full_config(bundled))
+
+
+def source_and_config(spec: ModelSpec, recipe_path: str | Path):
+    """The resolved source and its config, every failure a RecipeError naming the recipe's `model.id`:
+    a folder that does not exist or holds no readable config.json, a Hub id that cannot be reached."""
+    key = "model.id"
+    if looks_local(spec.id):
+        folder = Path(spec.id).expanduser()
+        written = f"{shown(spec.id)}" + (f" ({folder})" if spec.id.startswith("~") else "")
+        if problem := _folder_problem(folder):
+            raise RecipeError(recipe_path, key, f"{written}{problem}")
+    source = resolve(spec)
+    try:
+        return source, load_config(source)
+    except (OSError, ValueError, KeyError) as err:
+        where = "the checkpoint folder" if source.path else "the Hub (offline? HF_HUB_OFFLINE=1 is set, or no network)"
+        raise RecipeError(recipe_path, key, f"the config of {shown(spec.id)}"
+                          f"{f' at revision {shown(spec.revision)}' if spec.revision else ''} could not be loaded "
+                          f"from {where}: {err.__class__.__name__}: {clip(str(err), 300)}") from None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """What keeps `folder` from being a checkpoint folder, said after its name (None: nothing)."""
+    try:
+        if not folder.is_dir():
+            return ": no such folder" if not folder.exists() else " is a file; give the checkpoint folder (with config.json)"
+        if not (folder / "config.json").is_file():
+            return " has no config.json: not a checkpoint folder (config.json, the *.safetensors weights, the tokenizer)"
+        json.loads((folder / "config.json").read_bytes())
+    except OSError as err:
+        return f": {err.strerror or err}"
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        return f"/config.json is not JSON: {clip(str(err), 200)}"
+    return None
 
 
 def bundled_config_name(model_id: str) -> str | None:

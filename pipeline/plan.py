@@ -8,6 +8,7 @@ never from a second hand-written list.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, model_validator
 
 from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
-from pipeline.recipe import VLLM_BITS, Recipe
+from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, shown
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
                     "moe_router", "moe_experts", "other"]
@@ -201,7 +202,9 @@ class Plan(BaseModel):
         return {"linear": len(linears), "quantized": len(self.quantized), "kept": len(linears) - len(self.quantized)}
 
     def save(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=1))
+        tmp = path.with_name(f".{path.name}.tmp")  # replaced in one rename: never a half-written plan
+        tmp.write_text(self.model_dump_json(indent=1))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -235,6 +238,23 @@ def _skip_match(name: str, patterns: list[str]) -> str | None:
         if pattern.startswith("re:") and re.fullmatch(pattern[3:], name) or pattern == name:
             return pattern
     return None
+
+
+def _check_skip(recipe: Recipe, fates: list[ModuleFate], source: str | Path) -> None:
+    """Every `skip:` entry names at least one Linear layer of this model; a typo would otherwise quantize
+    what the recipe meant to keep."""
+    import difflib
+
+    names = [m.name for m in fates if m.kind == "linear"]
+    problems = []
+    for index, pattern in enumerate(recipe.skip):
+        if any(_skip_match(name, [pattern]) for name in names):
+            continue
+        nearest = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.0)
+        problems.append((f"skip.{index}", f"{shown(pattern)} matches no Linear layer of {recipe.model.id}"
+                         + (f"; nearest names: {', '.join(nearest)}" if nearest else "")
+                         + "; allowed: a module name, or re:<regex> matching whole names"))
+    RecipeError.collect(source, problems)
 
 
 def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe,
@@ -314,6 +334,7 @@ def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe
         ))
         covered.update(id(p) for p in params)
 
+    _check_skip(recipe, fates, source)
     resolved = resolve(recipe, fates, config.get_text_config().num_hidden_layers, source)
     for m in fates:
         resolution = resolved.get(m.name)

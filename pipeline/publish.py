@@ -36,6 +36,7 @@ from pipeline import __version__
 from pipeline.card import CARD, write_card
 from pipeline.recipe import HubSpec, Recipe
 from pipeline.run import EXPORT, MANIFEST, write_json_atomically
+from pipeline.runlock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def publish(plan: PublishPlan, api=None, *, force: bool = False, echo=print) -> 
     from huggingface_hub import get_token
 
     token = get_token()
-    with _publish_log(plan.run_dir, token):
+    with run_lock(plan.run_dir), _publish_log(plan.run_dir, token):
         if plan.problems and not force:
             raise PublishRefused(f"refusing to publish {plan.run_dir}:\n" + "\n".join(f"  - {p}" for p in plan.problems)
                                  + "\nfix these, or pass --force to publish anyway (the card says what was measured)."

@@ -8,6 +8,8 @@ Every failure is a `RecipeError` naming the file, the key and what is allowed.
 
 from __future__ import annotations
 
+import os
+import reprlib
 from pathlib import Path
 from typing import ClassVar, Literal, get_args, get_origin
 
@@ -43,12 +45,59 @@ QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
 GEMMA3_270M = "gguf:gemma3-270m"
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run, with the file, the key and the fix in the message."""
+# Bounds on what a recipe file may hold, so a hostile or broken file fails fast and its error stays short:
+# a recipe is a few kB, a handful of levels deep, a few hundred values.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 20_000  # after alias expansion
+MAX_MESSAGE_CHARS = 800  # per problem
+MAX_PROBLEMS = 20  # per error
 
-    def __init__(self, source: str | Path, key: str, message: str):
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 80, 80
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
+
+
+def shown(value) -> str:
+    """A bounded repr of a recipe value: a value built from YAML aliases can be exponentially large
+    when printed in full (reprlib bounds depth and breadth; the plain repr does not)."""
+    return clip(_SHORT_REPR.repr(value), 120)
+
+
+def hub_id_problem(value: str) -> str | None:
+    """What huggingface_hub finds wrong with a Hub repo id (None: a valid `NAME` or `OWNER/NAME`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        return clip(str(err), 200)
+    return None
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with the file, the key and the fix in the message. `more` holds the
+    file's further problems (key, message), reported together with the first."""
+
+    def __init__(self, source: str | Path, key: str, message: str, more: list[tuple[str, str]] = ()):
         self.source, self.key = str(source), key
-        super().__init__(f"{source}: {key}: {message}")
+        self.problems = [(key, clip(message)), *((k, clip(m)) for k, m in more)]
+        lines = [f"{source}: {k}: {m}" for k, m in self.problems[:MAX_PROBLEMS]]
+        if len(self.problems) > MAX_PROBLEMS:
+            lines.append(f"{source}: ... and {len(self.problems) - MAX_PROBLEMS} more problems")
+        super().__init__("\n".join(lines))
+
+    @classmethod
+    def collect(cls, source: str | Path, problems: list[tuple[str, str]]) -> None:
+        """Raise one error for all `problems` (key, message) of a file, if there are any."""
+        if problems:
+            (key, message), *more = problems
+            raise cls(source, key, message, more)
 
 
 def _check_group_size(value: int | None) -> int | None:
@@ -58,7 +107,7 @@ def _check_group_size(value: int | None) -> int | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -75,10 +124,28 @@ class ModelSpec(_Strict):
         from pipeline.tiny import VARIANTS
 
         if value.startswith("tiny:") and value.removeprefix("tiny:") not in VARIANTS:
-            raise ValueError(f"unknown tiny model {value!r}; allowed: {', '.join('tiny:' + v for v in VARIANTS)}")
+            raise ValueError(f"unknown tiny model {shown(value)}; allowed: {', '.join('tiny:' + v for v in VARIANTS)}")
         if value.startswith("gguf:") and value != GEMMA3_270M:
-            raise ValueError(f"unknown GGUF model {value!r}; allowed: {GEMMA3_270M}")
+            raise ValueError(f"unknown GGUF model {shown(value)}; allowed: {GEMMA3_270M}")
+        if not value.startswith(("tiny:", "gguf:")) and not looks_local(value) and (problem := hub_id_problem(value)):
+            raise ValueError(f"got {shown(value)}: neither a local folder nor a Hub id ({problem}); allowed: a Hub id "
+                             "like google/gemma-4-E2B-it, a checkpoint folder (./models/x, /data/x, ~/x), tiny:<variant> "
+                             f"or {GEMMA3_270M}")
         return value
+
+
+def looks_local(model_id: str) -> bool:
+    """A model id that names a folder rather than a Hub repo: written as a path, or an existing one."""
+    return (model_id.startswith(("/", "./", "../", "~")) or model_id in (".", "..") or model_id.count("/") > 1
+            or "\\" in model_id or _exists(Path(model_id)))
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for names the OS refuses outright (too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 DEFAULT_PROMPTS = (
@@ -154,11 +221,11 @@ def parse_bytes(value: int | str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _BYTE_UNITS:
-            raise ValueError(f"got {value!r}; write a size like 20GiB, 512MB or a number of bytes")
+            raise ValueError(f"got {shown(value)}; write a size like 20GiB, 512MB or a number of bytes")
         number, unit = float(match.group(1)), match.group(2)
     size = int(number * _BYTE_UNITS[unit.lower()])
     if size <= 0:
-        raise ValueError(f"got {value!r}; the budget must be positive")
+        raise ValueError(f"got {shown(value)}; the budget must be positive")
     return size
 
 
@@ -188,10 +255,9 @@ class HubSpec(_Strict):
     @field_validator("repo_id", "base_model")
     @classmethod
     def _hub_id(cls, value: str | None) -> str | None:
-        import re
-
-        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
-            raise ValueError(f"got {value!r}; expected OWNER/NAME, e.g. my-org/gemma-4-E2B-it-W4A16")
+        if value is not None and (value.count("/") != 1 or hub_id_problem(value)):
+            raise ValueError(f"got {shown(value)}; expected OWNER/NAME (letters, digits, '-', '_', '.'; no '..' or "
+                             "'--'; neither part starts or ends with '-' or '.'), e.g. my-org/gemma-4-E2B-it-W4A16")
         return value
 
     @field_validator("language", mode="before")
@@ -221,6 +287,14 @@ class Override(_Strict):
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator(*SELECTORS, "bits", "symmetric", mode="before")
+    @classmethod
+    def _not_null(cls, value):
+        # A null selection key would select every module; a null bits or symmetric would set nothing.
+        if value is None:
+            raise ValueError("null is not allowed here: give a value, or leave the key out")
+        return value
+
     @field_validator("submodule")
     @classmethod
     def _known_submodules(cls, value: list[str] | None) -> list[str] | None:
@@ -248,7 +322,7 @@ class Override(_Strict):
         for part in value.replace(" ", "").split(","):
             first, _, last = part.partition("-")
             if not first.isdigit() or last and not last.isdigit() or last and int(last) < int(first):
-                raise ValueError(f"got {value!r}; expected layer indices or ranges like \"0-7\" or \"0-3,10\"")
+                raise ValueError(f"got {shown(value)}; expected layer indices or ranges like \"0-7\" or \"0-3,10\"")
             indices += range(int(first), int(last or first) + 1)
         return indices
 
@@ -261,7 +335,7 @@ class Override(_Strict):
             try:
                 re.compile(value)
             except re.error as err:
-                raise ValueError(f"{value!r} is not a valid regular expression ({err})") from None
+                raise ValueError(f"{shown(value)} is not a valid regular expression ({err})") from None
         return value
 
     @field_validator("group_size")
@@ -332,6 +406,21 @@ class Recipe(_Strict):
     def _group_size(cls, value: int | None) -> int | None:
         return _check_group_size(value)
 
+    @field_validator("output_dir")
+    @classmethod
+    def _inside_working_tree(cls, value: str | None) -> str | None:
+        """A relative output_dir stays inside the working directory (`../../etc` does not); writing
+        elsewhere takes an explicit absolute path."""
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not value.strip() or "\0" in value:
+            raise ValueError(f"got {shown(value)}; give a folder, e.g. runs/my-recipe")
+        if not path.is_absolute() and os.path.normpath(path).split(os.sep)[0] == "..":
+            raise ValueError(f"got {shown(value)}: a relative output_dir must stay inside the working directory; "
+                             "give an absolute path to write elsewhere")
+        return value
+
     @field_validator("skip")
     @classmethod
     def _skip_patterns(cls, value: list[str]) -> list[str]:
@@ -342,7 +431,7 @@ class Recipe(_Strict):
                 try:
                     re.compile(pattern[3:])
                 except re.error as err:
-                    raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
+                    raise ValueError(f"{shown(pattern)} is not a valid regular expression ({err})") from None
         return value
 
     @model_validator(mode="before")
@@ -394,7 +483,7 @@ class Recipe(_Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        return Path(self.output_dir).expanduser() if self.output_dir else Path("runs") / self.name
 
 
 class _KeyError(ValueError):
@@ -420,14 +509,138 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Read and validate a recipe; any problem raises RecipeError before a model is touched."""
     path = resolve_recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(path, "yaml", f"not valid YAML: {err}") from None
+    data = read_recipe_file(path)
     if not isinstance(data, dict):
         raise RecipeError(path, "recipe", "the file must hold a mapping of keys (model:, scheme:, ...)")
     data.setdefault("name", path.stem)
     return parse_recipe(data, source=path)
+
+
+def read_recipe_file(path: Path):
+    """The YAML of a recipe file: UTF-8, at most MAX_RECIPE_BYTES, within the loader's bounds."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(path, "recipe", f"the file is {size:,} bytes; a recipe is a few kB "
+                              f"(at most {MAX_RECIPE_BYTES:,} bytes)")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RecipeError(path, "recipe", f"cannot be read: {err.strerror or err}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RecipeError(path, "recipe", "the file is UTF-16 text; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        prefix = raw[:err.start].decode("utf-8", errors="replace")
+        raise RecipeError(path, _key_at(prefix, line), f"not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line}; "
+                          "save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except _YamlProblem as err:
+        raise RecipeError(path, err.key, err.message) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        key = _key_at(text, mark.line + 1) if mark is not None else "yaml"
+        raise RecipeError(path, key, f"not valid YAML: {clip(str(err), 400)}") from None
+
+
+def _key_at(text: str, line: int) -> str:
+    """The dotted key a line of a block-style YAML file sits under, judged by indentation: for naming
+    where a problem is when the file does not parse (no parser gives a path then)."""
+    import re
+
+    stack: list[tuple[int, str]] = []
+    for row in text.splitlines()[:line]:
+        match = re.match(r"^(\s*)(?:-\s+)?([A-Za-z_][\w.-]*)\s*:(\s|$)", row)
+        indent = match.start(2) if match else len(row) - len(row.lstrip())
+        if match or row.strip():  # a line that names no key still closes the keys it is not inside
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+        if match:
+            stack.append((indent, match.group(2)))
+    return ".".join(key for _, key in stack) or "yaml"
+
+
+class _YamlProblem(Exception):
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(message)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's SafeLoader with the checks it lacks: a key given twice is refused (SafeLoader keeps the
+    last one silently), and nesting depth and alias expansion are bounded (its composer recurses once
+    per level, and a 1 kB alias bomb expands to gigabytes wherever the value is walked or printed)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._path: list[str] = []
+        self._values = 0
+        self._sizes: dict[int, int] = {}
+        self._open_anchors: set[str] = set()
+
+    def _where(self) -> str:
+        return ".".join(self._path) or "recipe"
+
+    def compose_node(self, parent, index):
+        if isinstance(parent, yaml.SequenceNode):
+            part = str(index)
+        elif isinstance(parent, yaml.MappingNode):  # index: the key node, or None while the key is composed
+            part = clip(index.value, 60) if isinstance(index, yaml.ScalarNode) else "?"
+        else:
+            part = None
+        if part is not None:
+            self._path.append(part)
+        try:
+            if len(self._path) > MAX_YAML_DEPTH:
+                raise _YamlProblem(self._path[0], f"nested deeper than {MAX_YAML_DEPTH} levels "
+                                   f"(at {'.'.join(self._path[:4])}...); a recipe needs a handful")
+            if self.check_event(yaml.AliasEvent):
+                anchor = self.peek_event().anchor
+                if anchor in self._open_anchors:
+                    raise _YamlProblem(self._where(), f"the alias *{clip(anchor, 40)} refers to a value it is inside")
+                node = self.anchors.get(anchor)
+                self._count(self._size(node) if node is not None else 1)
+                return super().compose_node(parent, index)
+            anchor = getattr(self.peek_event(), "anchor", None)
+            self._count(1)
+            if anchor is not None:
+                self._open_anchors.add(anchor)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._open_anchors.discard(anchor)
+        finally:
+            if part is not None:
+                self._path.pop()
+
+    def _count(self, values: int) -> None:
+        self._values += values
+        if self._values > MAX_YAML_VALUES:
+            raise _YamlProblem(self._where(), f"the file expands to more than {MAX_YAML_VALUES:,} values (a YAML "
+                               "alias repeats everything it points to); a recipe holds a few hundred")
+
+    def _size(self, node) -> int:
+        """Values in a composed node once its aliases are expanded (memoized: aliases share nodes)."""
+        if id(node) not in self._sizes:
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            self._sizes[id(node)] = 1 + sum(self._size(child) for child in children)
+        return self._sizes[id(node)]
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if ident in lines:
+                raise _YamlProblem(".".join([*self._path, clip(key_node.value, 60)]),
+                                   f"given twice (lines {lines[ident]} and {line}); a key may appear once")
+            lines[ident] = line
+        return node
 
 
 def parse_recipe(data: dict, source: str | Path = "<recipe>") -> Recipe:
@@ -438,20 +651,33 @@ def parse_recipe(data: dict, source: str | Path = "<recipe>") -> Recipe:
 
 
 def _recipe_error(err: ValidationError, source: str | Path) -> RecipeError:
-    first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "recipe"
-    ctx_error = first.get("ctx", {}).get("error")
+    """Every problem pydantic found, each as (key, what is allowed)."""
+    problems = []
+    for problem in err.errors():
+        pair = _problem(problem)
+        if pair not in problems:
+            problems.append(pair)
+    (key, message), *more = problems
+    return RecipeError(source, key, message, more)
+
+
+def _problem(error: dict) -> tuple[str, str]:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "recipe"
+    ctx_error = error.get("ctx", {}).get("error")
     if isinstance(ctx_error, _KeyError):  # its key is relative to where the validator ran
-        return RecipeError(source, ".".join(p for p in [*map(str, first["loc"]), ctx_error.key] if p), str(ctx_error))
-    if first["type"] == "extra_forbidden":
-        allowed = sorted(_fields_at(first["loc"][:-1]))
-        return RecipeError(source, key, f"unknown key; allowed keys here: {', '.join(allowed)}")
-    if first["type"] == "missing":
-        return RecipeError(source, key, "required key is missing")
-    if first["type"] == "literal_error":
-        return RecipeError(source, key, f"got {first['input']!r}; allowed: {first['ctx']['expected']}")
-    message = first["msg"].removeprefix("Value error, ")
-    return RecipeError(source, key, f"{message} (got {first['input']!r})" if "got" not in message else message)
+        return ".".join(p for p in [*loc, ctx_error.key] if p), str(ctx_error)
+    if error["type"] == "extra_forbidden":
+        allowed = sorted(_fields_at(error["loc"][:-1]))
+        return key, f"unknown key; allowed keys here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return key, "required key is missing"
+    if error["type"] == "literal_error":
+        return key, f"got {shown(error['input'])}; allowed: {error['ctx']['expected']}"
+    if error["type"] == "finite_number":
+        return key, f"got {shown(error['input'])}; the number must be finite (not .inf or .nan)"
+    message = error["msg"].removeprefix("Value error, ")
+    return key, f"{message} (got {shown(error['input'])})" if "got" not in message else message
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -467,11 +693,50 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def check_against_config(recipe: Recipe, text_config, source: str | Path) -> None:
     """Model-dependent checks, from the config alone: the group size must divide the width
-    that every decoder projection reads (hidden size), else nothing useful can be quantized."""
-    if recipe.group_size is None:
-        return
+    that every decoder projection reads (hidden size), else nothing useful can be quantized;
+    no window may be longer than the model's context."""
+    problems = []
     hidden = text_config.hidden_size
-    if hidden % recipe.group_size:
+    if recipe.group_size is not None and hidden % recipe.group_size:
         divisors = [g for g in GROUP_SIZES if hidden % g == 0]
-        raise RecipeError(source, "group_size", f"{recipe.group_size} does not divide the text hidden size {hidden} "
-                          f"of {recipe.model.id}; allowed for this model: {', '.join(map(str, divisors)) or 'null'}")
+        problems.append(("group_size", f"{recipe.group_size} does not divide the text hidden size {hidden} "
+                         f"of {recipe.model.id}; allowed for this model: {', '.join(map(str, divisors)) or 'null'}"))
+    context = getattr(text_config, "max_position_embeddings", None)
+    for key, seq_len in (("calibration.seq_len", recipe.calibration.seq_len), ("eval.seq_len", recipe.eval.seq_len)):
+        if context and seq_len > context:
+            problems.append((key, f"{seq_len:,} tokens is longer than the context of {recipe.model.id} "
+                             f"({context:,} tokens); allowed: 8 to {context:,}"))
+    RecipeError.collect(source, problems)
+
+
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def data_file_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key, problem) for each calibration or eval source that does not exist or is of a kind the corpus
+    does not read: checked when the run is planned, not when the text is first read (after the model
+    is loaded, or after quantize and export)."""
+    sources = [(f"calibration.sources.{i}.source", s.source, s.format) for i, s in enumerate(recipe.calibration.sources)]
+    problems = []
+    for key, ref, text_format in [*sources, ("eval.source", recipe.eval.source, "text")]:
+        if ref == "builtin":
+            continue
+        if ref.startswith("hf:"):
+            if problem := hub_id_problem(ref[3:]):
+                problems.append((key, f"{shown(ref)}: not a Hub dataset id ({problem})"))
+            continue
+        path = Path(ref).expanduser()
+        allowed = "builtin, a .txt/.jsonl/.parquet file, or hf:<dataset id>"
+        try:
+            is_file = path.is_file()
+        except OSError as err:
+            problems.append((key, f"{shown(ref)}: {err.strerror}; allowed: {allowed}"))
+            continue
+        if not is_file:
+            problems.append((key, f"no such file: {shown(str(path))}; allowed: {allowed}"))
+        elif path.suffix not in DATA_SUFFIXES:
+            problems.append((key, f"{shown(ref)}: unsupported file type {shown(path.suffix)}; allowed: {allowed}"))
+        elif text_format == "messages" and path.suffix == ".txt":
+            problems.append((key, f"{shown(ref)}: format: messages needs chat turns, from a .jsonl or .parquet "
+                             "file or hf:<dataset id>"))
+    return problems

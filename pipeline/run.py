@@ -23,10 +23,12 @@ from pathlib import Path
 
 from pipeline import __version__, text_only
 from pipeline.compute import computing_in, torch_dtype
-from pipeline.memory import load_within, plan_memory, quantized_forward_per_layer, resolve_budget
-from pipeline.model import Source, build_meta_model, load_config, model_class, resolve, text_config
+from pipeline.memory import OFFLOAD_MARKER, load_within, plan_memory, quantized_forward_per_layer, resolve_budget
+from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
-from pipeline.recipe import MemorySpec, Recipe, check_against_config, load_recipe, resolve_recipe_path
+from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
+                             resolve_recipe_path)
+from pipeline.runlock import run_lock
 
 log = logging.getLogger("pipeline")
 
@@ -74,9 +76,13 @@ class Timer:
 
 def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, Plan]:
     """Config only: resolve the source, validate the recipe against it, build the plan."""
-    source = resolve(recipe.model)
-    config = load_config(source)
-    check_against_config(recipe, text_config(config), recipe_path)
+    problems = data_file_problems(recipe)
+    try:
+        source, config = source_and_config(recipe.model, recipe_path)
+        check_against_config(recipe, text_config(config), recipe_path)
+    except RecipeError as err:
+        problems = err.problems + problems
+    RecipeError.collect(recipe_path, problems)
     if text_only.wanted(recipe):
         config = text_only.text_only_config(config)
     return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
@@ -84,11 +90,46 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
 
 def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
     recipe = load_recipe(recipe_ref)
-    _, _, plan = make_plan(recipe, resolve_recipe_path(recipe_ref))
+    recipe_path = resolve_recipe_path(recipe_ref)
+    _, _, plan = make_plan(recipe, recipe_path)
     run_dir = run_dir or recipe.run_dir
+    check_run_dir(run_dir, recipe_path, plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.save(run_dir / PLAN)
     return plan
+
+
+def _our_manifest(run_dir: Path) -> dict | None:
+    """The run directory's manifest, if a gemma-quant run wrote it."""
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool", {}).get("name") == "gemma-quant" else None
+
+
+def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = None) -> None:
+    """Refuse a run directory whose export/ or offload/ no gemma-quant run made (quantize replaces the one
+    and removes the other: never what it did not create), and, given the plan about to be written, one
+    whose export was made from another plan (validate and card would judge that export against this one)."""
+    manifest = _our_manifest(run_dir)
+    if manifest is None:
+        foreign = [f"{name}/" for name in (EXPORT, OFFLOAD) if (run_dir / name).exists()
+                   and not (name == OFFLOAD and (run_dir / name / OFFLOAD_MARKER).is_file())]
+        if foreign:
+            raise RecipeError(recipe_path, "output_dir", f"{run_dir} holds {' and '.join(foreign)} that no gemma-quant "
+                              "run wrote (no manifest.json of one beside it), which a run would replace or remove; "
+                              "move it away, or give another output_dir or --run-dir")
+        return
+    if plan is not None and (run_dir / EXPORT).is_dir():
+        try:
+            written = Plan.load(run_dir / PLAN).model_dump()
+        except (OSError, ValueError):
+            written = None
+        if written != plan.model_dump():
+            raise RecipeError(recipe_path, "output_dir", f"{run_dir} holds the export of {manifest.get('recipe_file')}, "
+                              "made with another plan; writing this plan there would make validate and card judge "
+                              "that export against it: plan into another --run-dir or output_dir, or quantize there")
 
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
@@ -105,10 +146,11 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
     recipe_path = resolve_recipe_path(recipe_ref)
     recipe = load_recipe(recipe_path)
     run_dir = run_dir or recipe.run_dir
+    check_run_dir(run_dir, recipe_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     started = datetime.now(timezone.utc)
-    with _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
+    with run_lock(run_dir), _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
         with timer.stage("plan"):
             source, config, plan = make_plan(recipe, recipe_path)
             plan.save(run_dir / PLAN)

@@ -36,6 +36,7 @@ from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
 from pipeline.run import DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, PLAN, library_versions, write_json_atomically
+from pipeline.runlock import holds_run_lock
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -368,6 +369,7 @@ def file_checksums(folder: Path) -> dict[str, dict]:
     return sums
 
 
+@holds_run_lock
 def validate_run(run_dir: Path) -> EvalReport:
     """Validate `run_dir/export`; write eval.json, eval.md and the manifest's verdict.
     Raises ValidationFailed (after writing everything) when a structural check or gate fails."""
