@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -356,6 +357,12 @@ class Override(_Strict):
         if not self.skip and not given & {"bits", "group_size", "symmetric"}:
             raise _KeyError("bits", "the rule sets nothing: give bits, group_size, symmetric or skip: true")
         return self
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler):
+        # Written back with the keys it was given: which keys are given is what the rule means
+        # (`sets`), and the parser refuses a null selection key.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
     @property
     def sets(self) -> set[str]:

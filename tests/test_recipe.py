@@ -79,3 +79,18 @@ def test_not_a_mapping(tmp_path):
     path.write_text("- scheme: W4A16\n")
     with pytest.raises(RecipeError, match="must hold a mapping"):
         load_recipe(path)
+
+
+def test_a_recipe_written_to_the_manifest_reads_back_with_the_same_rules():
+    """The manifest stores `model_dump(mode="json")`; validate and card read it back. A rule keeps the keys
+    it was given (an unset group_size read back as a given null would mean one scale per channel)."""
+    from pipeline.recipe import Recipe, parse_recipe
+
+    recipe = parse_recipe({"name": "t", "model": "tiny:e2b", "scheme": "W4A16", "overrides": [
+        {"layer_type": "full_attention", "bits": 8, "group_size": None}, {"layers": "0-1", "bits": 8}]})
+    dumped = recipe.model_dump(mode="json")
+    assert dumped["overrides"] == [{"layer_type": ["full_attention"], "bits": 8, "group_size": None},
+                                   {"layers": [0, 1], "bits": 8}]
+    again = Recipe.model_validate(dumped)
+    assert [rule.sets for rule in again.overrides] == [{"bits", "group_size"}, {"bits"}]
+    assert again.model_dump(mode="json") == dumped
