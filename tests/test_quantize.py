@@ -13,6 +13,7 @@ from pipeline.export import ExportIncomplete, ignore_problems
 from pipeline.model import ModelSpec, resolve
 from pipeline.plan import Plan
 from pipeline.run import MEMORY_PLAN, ReloadFailed, quantize_run
+from pipeline.runlock import LOCK
 
 from conftest import VARIANTS, read_tensors
 
@@ -125,8 +126,8 @@ def test_reloaded_logits_stay_close(runs, variant):
 
 def _recipe(tmp_path, **extra):
     path = tmp_path / "r.yaml"
-    lines = ["model: tiny:31b", "scheme: W4A16", f"output_dir: {tmp_path / 'run'}"]
-    path.write_text("\n".join(lines + [f"{k}: {v}" for k, v in extra.items()]) + "\n")
+    fields = {"model": "tiny:31b", "scheme": "W4A16", "output_dir": tmp_path / "run", **extra}
+    path.write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
     return path
 
 
@@ -148,7 +149,8 @@ def test_failed_run_leaves_previous_export_intact(tmp_path, monkeypatch, failure
         quantize_run(recipe)
     assert _digest(export) == before
     assert manifest.read_text() == manifest_before
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    # no staging left; the run-dir lock file stays (pipeline/runlock.py: an flock, removing it would race)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != LOCK) == []
     logs = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))
     assert "run failed; any previous export is left as it was" in logs[-1].read_text()
 
