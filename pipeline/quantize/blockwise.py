@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
@@ -93,11 +92,10 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
-                  state_device: torch.device | None = None, compute: torch.dtype | None = None) -> Calibration:
+                  state_device: torch.device | None = None) -> Calibration:
     """One plain forward per batch; each layer's pre-hook records what the model hands it (moved to
     `state_device` when given: the host, when layers are onloaded to a GPU one at a time).
-    The forward stops at the last layer: nothing after it is needed. With `compute`, the forward runs
-    in it and what is recorded is kept in the model's dtype."""
+    The forward stops at the last layer: nothing after it is needed."""
     inputs: list[list[LayerInputs]] = [[] for _ in layers]
     first_hidden: list[torch.Tensor] = []
     last = len(layers) - 1
@@ -117,21 +115,15 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    stored = next(model.parameters()).dtype
     try:
-        with computing_in(model, compute) if compute is not None else nullcontext():
-            for batch in tqdm(batches, desc="recording block inputs", leave=False):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
+        for batch in tqdm(batches, desc="recording block inputs", leave=False):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
-    if compute is not None:
-        inputs = [[LayerInputs(_cast(r.args, stored), _cast(r.kwargs, stored), r.shares_kv) for r in layer_inputs]
-                  for layer_inputs in inputs]
-        first_hidden = [h.to(stored) for h in first_hidden]
     return Calibration(inputs=inputs, fp_hidden=list(first_hidden), q_hidden=[h.clone() for h in first_hidden],
                        fp_kv=[UserDict() for _ in batches], q_kv=[UserDict() for _ in batches])
 
@@ -202,28 +194,12 @@ def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> t
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_chain_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store,
-                    compute: torch.dtype | None) -> torch.Tensor:
-    """run_layer for the chains, computing in `compute` (float32 where the CPU emulates bf16, on a layer
-    the caller widened: pipeline/compute.py); the output and any K/V the layer stores come back in the
-    chain's dtype, which the algorithms read."""
-    if compute is None or hidden.dtype == compute:
-        return run_layer(layer, hidden, recorded, kv_store)
-    chain, wide_store = hidden.dtype, _cast(kv_store, compute)
-    wide = LayerInputs(_cast(recorded.args, compute), _cast(recorded.kwargs, compute), recorded.shares_kv)
-    out = run_layer(layer, hidden.to(compute), wide, wide_store)
-    for key, value in wide_store.items():
-        kv_store[key] = _cast(value, chain)
-    return out.to(chain)
-
-
 @torch.no_grad()
-def advance(layer, index: int, cal: Calibration, chain: str, compute: torch.dtype | None = None) -> None:
+def advance(layer, index: int, cal: Calibration, chain: str) -> None:
     """Run one chain through `layer`; storing layers write their K/V into that batch's store."""
     hidden, stores = (cal.fp_hidden, cal.fp_kv) if chain == "fp" else (cal.q_hidden, cal.q_kv)
-    with computing_in(layer, compute) if compute is not None else nullcontext():
-        for b in range(len(hidden)):
-            hidden[b] = run_chain_layer(layer, hidden[b], cal.inputs[index][b], stores[b], compute)
+    for b in range(len(hidden)):
+        hidden[b] = run_layer(layer, hidden[b], cal.inputs[index][b], stores[b])
 
 
 # ---------------------------------------------------------------- algorithms
@@ -369,20 +345,19 @@ ALGORITHMS = {"autoround": autoround_block, "gptq": gptq_block}
 
 
 @torch.no_grad()
-def block_error(layer, index: int, cal: Calibration, compute: torch.dtype | None = None) -> float:
+def block_error(layer, index: int, cal: Calibration) -> float:
     """Mean squared error of the block's output on the quantized chain against the unquantized
     chain's (cal.fp_hidden once advanced): what calibrated algorithms minimise."""
     total = 0.0
-    with computing_in(layer, compute) if compute is not None else nullcontext():
-        for b in range(len(cal.q_hidden)):
-            out = run_chain_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]), compute)
-            total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
+    for b in range(len(cal.q_hidden)):
+        out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
+        total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
     return total / len(cal.q_hidden)
 
 
 @torch.no_grad()
 def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
-              schemes: dict[str, WeightScheme], compute: torch.dtype | None = None) -> float:
+              schemes: dict[str, WeightScheme]) -> float:
     """The block error with plain RTN weights (compressed-tensors' min/max grid), as the baseline."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
@@ -391,7 +366,7 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
         scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
         module.weight.data = fake_quantize(module.weight.data, scale, zero_point, _grid_args(schemes[name]))
     try:
-        return block_error(layer, index, cal, compute)
+        return block_error(layer, index, cal)
     finally:
         for name, module in targets.items():
             module.weight.data = originals[name]
@@ -400,7 +375,7 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
 # ---------------------------------------------------------------- driver
 
 
-def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None) -> str:
+def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
                 "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
@@ -408,8 +383,6 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | 
         settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
     if recipe.quantize_experts:
         settings["quantize_experts"] = True
-    if compute is not None:  # chains computed in float32 give other grids than BF16 chains
-        settings["chain_compute"] = str(compute)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -420,15 +393,12 @@ class BlockwiseResult:
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
-                       calibration_sha: str, onload: torch.device | None = None,
-                       compute: torch.dtype | None = None) -> BlockwiseResult:
+                       calibration_sha: str, onload: torch.device | None = None) -> BlockwiseResult:
     """Quantize every planned module of the text decoder, block by block; returns each module's grid
     and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
     with the same settings resumes at the first unfinished block. With `onload` (a GPU the model does
     not fit on), the model stays on the host and each block is onloaded to `onload` in turn, with its
-    recorded inputs and the chains' state; grids and state go back to the host after each block. With
-    `compute` (float32 where the CPU emulates bf16), the recording pass and the chains compute in it and
-    keep their state in the model's dtype; the algorithms run as without it."""
+    recorded inputs and the chains' state; grids and state go back to the host after each block."""
     prefix, layers = decoder_layers(model)
     planned = {m.name: m.scheme for m in plan.quantized}
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
@@ -437,18 +407,18 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     if any(m.component == "moe_experts" for m in plan.quantized):
         unfuse_experts(model)  # per-expert Linears: what the algorithms tune and the packed exports store
     with every_expert_on_every_token(model):
-        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha, compute)
-        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload, compute)
+        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
+        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload)
 
 
 def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: dict[str, WeightScheme],
                      recipe: Recipe, saved_dir: Path, tokens: torch.Tensor,
-                     onload: torch.device | None, compute: torch.dtype | None) -> BlockwiseResult:
+                     onload: torch.device | None) -> BlockwiseResult:
     """quantize_blockwise's loop over the decoder layers, MoE experts already set to see every token."""
     saved_dir.mkdir(parents=True, exist_ok=True)
     host = torch.device("cpu") if onload is not None else None
     with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
-        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute)
+        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
     progress = tqdm(range(len(layers)), desc=f"{recipe.algorithm} blocks", unit="block")
@@ -459,7 +429,7 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             move_layer_state(cal, index, onload)
         targets = {n[len(layer_prefix):]: model.get_submodule(n) for n in sorted(planned) if n.startswith(layer_prefix)}
         schemes = {n[len(layer_prefix):]: s for n, s in planned.items() if n.startswith(layer_prefix)}
-        advance(layer, index, cal, "fp", compute)  # the unquantized chain, before the weights change: the targets
+        advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
         saved = saved_dir / f"block-{index:03d}.pt"
         if saved.is_file():
             block, error = torch.load(saved, weights_only=False)
@@ -467,15 +437,15 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
                 targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
             progress.set_postfix_str("resumed from checkpoint")
         elif targets:
-            baseline = rtn_error(layer, targets, index, cal, schemes, compute)
+            baseline = rtn_error(layer, targets, index, cal, schemes)
             block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
-            error = {"block": index, "rtn_mse": baseline, "mse": block_error(layer, index, cal, compute)}
+            error = {"block": index, "rtn_mse": baseline, "mse": block_error(layer, index, cal)}
             torch.save((block, error), saved.with_suffix(".tmp"))
             saved.with_suffix(".tmp").rename(saved)
         else:
             block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
         progress.set_postfix(mse=error["mse"], rtn=error["rtn_mse"])
-        advance(layer, index, cal, "q", compute)
+        advance(layer, index, cal, "q")
         if onload is not None:
             layer.to(host)
             move_layer_state(cal, index, host)
