@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from pipeline.compute import ComputeDtype, cpu_computes_bf16
+from pipeline.compute import ComputeDtype, host_compute_dtype
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
 
@@ -249,7 +249,7 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
 def measuring_dtype(host: str, gpu: str, needs: dict[str, int], plan: Plan, cpu_budget: int) -> ComputeDtype:
     """float32 on a CPU that emulates bf16 (pipeline/compute.py), when the whole model fits the host budget
     in float32 beside what the run holds; bf16 on a GPU, on a CPU with bf16 instructions, or when it does not fit."""
-    if gpu != "none" or host != "resident" or cpu_computes_bf16():
+    if gpu != "none" or host != "resident" or host_compute_dtype() == "bfloat16":
         return "bfloat16"
     return "float32" if needs["all_at_once_host"] + plan.bf16_bytes <= cpu_budget else "bfloat16"
 
@@ -299,7 +299,7 @@ def load_within(memory: MemoryPlan, source, config, offload_dir: Path, dtype=Non
     from pipeline.model import build_meta_model, load_model, model_class
 
     if memory.host == "resident":
-        return load_model(source, config, dtype=dtype or torch.bfloat16)
+        return load_model(source, config, dtype=dtype)
     from compressed_tensors.offload import load_offloaded_model
 
     return_freed_memory()

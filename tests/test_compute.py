@@ -30,7 +30,7 @@ def test_measuring_dtype_is_float32_only_where_bf16_is_emulated_and_float32_fits
     _, config, plan = make_plan(recipe, path)
 
     def dtype(has_bf16: bool, cpu_budget: int, gpus=()) -> str:
-        monkeypatch.setattr("pipeline.memory.cpu_computes_bf16", lambda: has_bf16)
+        monkeypatch.setattr("pipeline.compute.cpu_computes_bf16", lambda: has_bf16)
         return plan_memory(plan, recipe, config.get_text_config(), cpu_budget, list(gpus),
                            {"cpu": "recipe", "gpu": "recipe" if gpus else "none"}, path).compute_dtype
 
@@ -38,7 +38,7 @@ def test_measuring_dtype_is_float32_only_where_bf16_is_emulated_and_float32_fits
     assert dtype(False, roomy) == "float32"
     assert dtype(True, roomy) == "bfloat16"
     assert dtype(False, roomy, gpus=[roomy]) == "bfloat16"
-    monkeypatch.setattr("pipeline.memory.cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr("pipeline.compute.cpu_computes_bf16", lambda: False)
     needs = plan_memory(plan, recipe, config.get_text_config(), roomy, [], {"cpu": "recipe", "gpu": "none"},
                         path).needs["all_at_once_host"]
     assert dtype(False, needs + plan.bf16_bytes) == "float32"

@@ -139,7 +139,7 @@ def test_too_small_budget_refused_before_any_weight_loads(write_recipe, monkeypa
 def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe, monkeypatch):
     # A disk-offloaded run measures in BF16 (its layers are onloaded as stored); the resident one measures
     # in BF16 too where the CPU computes BF16, as here: the two runs' measurements are then comparable.
-    monkeypatch.setattr("pipeline.memory.cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr("pipeline.compute.cpu_computes_bf16", lambda: True)
     windows = {"samples": 2, "seq_len": 64, "max_new_tokens": 4}
     all_path = write_recipe("all", model="tiny:31b", scheme="W4A16", eval=windows)
     _, roomy = _memory_plan(all_path)

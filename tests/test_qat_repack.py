@@ -67,7 +67,7 @@ def _repack(tmp_path, source, validate: bool = False) -> tuple[dict, object]:
 def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant, monkeypatch):
     # Exactness is in the stored dtype: the grid model holds BF16(q·d), and float32 would dequantize the
     # export to q·d itself. So the run measures in BF16, as on a CPU with bf16 instructions.
-    monkeypatch.setattr("pipeline.memory.cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr("pipeline.compute.cpu_computes_bf16", lambda: True)
     source = tmp_path / "grid-source"
     grids = grid_source(variant, source)
     manifest, export = _repack(tmp_path, source, validate=variant == "e2b")
