@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline import calibration
+from pipeline.compute import computing_in
 from pipeline.model import build_meta_model, load_config, load_model, resolve
 from pipeline.plan import build_plan
 from pipeline.quantize import blockwise
@@ -34,8 +35,10 @@ def _snapshot(store) -> dict:
     return {k: tuple(t.clone() for t in v) for k, v in store.items()}
 
 
-@pytest.mark.parametrize("variant", ["e2b", "e4b"])
-def test_each_block_is_calibrated_on_what_it_sees_in_the_full_model(variant, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant, compute", [("e2b", None), ("e4b", None), ("e2b", torch.float32)],
+                         ids=["e2b", "e4b", "e2b-float32-chains"])
+def test_each_block_is_calibrated_on_what_it_sees_in_the_full_model(variant, compute, tmp_path, monkeypatch):
+    """With float32 chains (a CPU that emulates bf16), what a block sees is the full model's float32 forward."""
     recipe, plan, model, tokens = _setup(variant, "autoround", autoround={"iters": 2, "batch_size": 2})
     fed = {}
     original_advance = blockwise.advance
@@ -48,7 +51,7 @@ def test_each_block_is_calibrated_on_what_it_sees_in_the_full_model(variant, tmp
         original_advance(layer, index, cal, chain)
 
     monkeypatch.setattr(blockwise, "advance", recording_advance)
-    blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha")
+    blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha", compute=compute)
 
     # A plain forward of the finished model, one batch at a time, recording each layer's inputs.
     _, layers = blockwise.decoder_layers(model)
@@ -61,12 +64,13 @@ def test_each_block_is_calibrated_on_what_it_sees_in_the_full_model(variant, tmp
         return record
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.no_grad():
+    with torch.no_grad(), computing_in(model, compute or torch.bfloat16):
         for b, batch in enumerate(tokens.split(1)):
             batch_index[0] = b
             model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
     text = model.config.text_config
     first_shared = text.num_hidden_layers - text.num_kv_shared_layers
@@ -164,3 +168,20 @@ def test_block_driver_replays_a_model_without_ple_like_a_plain_forward():
         for b, batch in enumerate(tokens.split(1)):
             final = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
             assert torch.allclose(model.model.norm(cal.fp_hidden[b]), final, atol=1e-5)
+
+
+def test_float32_chains_keep_the_model_dtype_and_calibrate_as_the_bf16_ones(tmp_path):
+    """Where the CPU emulates bf16 the chains compute in float32 (pipeline/compute.py): weights and grids
+    stay BF16, every planned module gets its grid, the checkpoints are kept apart from BF16 chains', and
+    each block's error is the BF16 chains' to within BF16 arithmetic."""
+    recipe, plan, model, tokens = _setup("e2b", "gptq")
+    bf16 = blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha")
+    _, _, model, _ = _setup("e2b", "gptq")
+    wide = blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha", compute=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert wide.grids.keys() == bf16.grids.keys() and len(wide.grids) == len(plan.quantized)
+    assert all(g.weight.dtype == torch.bfloat16 for g in wide.grids.values())
+    assert len(list(tmp_path.iterdir())) == 2  # two checkpoint folders: not resumed from the BF16 blocks
+    for ours, theirs in zip(wide.block_errors, bf16.block_errors):
+        assert ours["mse"] < ours["rtn_mse"]
+        assert ours["mse"] == pytest.approx(theirs["mse"], rel=0.1) and ours["mse"] != theirs["mse"]

@@ -110,13 +110,14 @@ def run_notebook(tmp_path, tiny_cache, matplotlib_config, monkeypatch):
         "IPYTHONDIR": str(tmp_path / "ipython"),
         "TMPDIR": str(scratch),
         "TOKENIZERS_PARALLELISM": "false",
-        # One torch thread unless told otherwise: on a loaded machine, OpenMP threads waiting on
-        # each other make small-tensor work (AutoRound on a tiny model) several times slower.
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
 
-    def run(name: str, **parameters):
+    def run(name: str, real_weights: bool = False, **parameters):
+        """`real_weights`: every core for the kernel's torch. Otherwise one thread unless told: on a loaded
+        machine, OpenMP threads waiting on each other make small-tensor work (AutoRound on a tiny model)
+        several times slower, while a real model's matmuls gain from every core."""
+        threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() if real_weights else 1))
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         if parameters:  # as papermill does: a cell of assignments right after the `parameters` cell
             index = next(i for i, c in enumerate(nb.cells) if PARAMETERS in c.metadata.get("tags", []))
@@ -125,7 +126,7 @@ def run_notebook(tmp_path, tiny_cache, matplotlib_config, monkeypatch):
             nb.cells.insert(index + 1, injected)
         client = NotebookClient(nb, kernel_manager_class=_ThisInterpreter, timeout=600,
                                 allow_errors=False, resources={"metadata": {"path": str(work)}})
-        client.execute(env=env)
+        client.execute(env={**env, "OMP_NUM_THREADS": threads})
         errors = [o for cell in _code_cells(nb) for o in cell.outputs if o.output_type == "error"]
         assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
         assert all(cell.execution_count is not None for cell in _code_cells(nb))
@@ -216,7 +217,7 @@ def test_compare_schemes_quantizes_three_ways_and_reads_eval_json(run_notebook):
 
 @pytest.mark.slow
 def test_compare_schemes_on_real_gemma3_270m(run_notebook):
-    nb, scratch = run_notebook("02_compare_schemes.ipynb", MODEL_ID="gguf:gemma3-270m")
+    nb, scratch = run_notebook("02_compare_schemes.ipynb", real_weights=True, MODEL_ID="gguf:gemma3-270m")
     root = next(scratch.glob("gemma-quant-compare-*"))
     quality = {name: json.loads((root / name / "eval.json").read_text())["quality"]
                for name in ("rtn-w8a16", "rtn-w4a16", "autoround-w4a16")}
@@ -229,7 +230,7 @@ def test_compare_schemes_on_real_gemma3_270m(run_notebook):
 def test_kv_cache_notebook_generates_on_gemma3_270m_and_tabulates_memory_and_quality(run_notebook):
     import csv
 
-    nb, scratch = run_notebook("03_kv_cache.ipynb")
+    nb, scratch = run_notebook("03_kv_cache.ipynb", real_weights=True)
     shown = _text(nb)
     assert "gguf:gemma3-270m: 18 layers" in shown and "4-bit, Hadamard:" in shown
     with (scratch.parent / "work" / "kv_cache_table.csv").open() as f:  # the kernel's working directory

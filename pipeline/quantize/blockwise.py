@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
@@ -75,6 +76,13 @@ class Calibration:
     q_hidden: list[torch.Tensor]  # [batch]: the quantized chain's input to the current block
     fp_kv: list[UserDict] = field(default_factory=list)  # [batch]: shared-KV store of each chain
     q_kv: list[UserDict] = field(default_factory=list)
+    # What the chains compute and are kept in, when wider than the model's dtype: float32 where the
+    # CPU emulates bf16 (pipeline/compute.py; a Gemma 3 270M block forward: 0.18 s in BF16, 0.03 s).
+    compute: torch.dtype | None = None
+
+    def computing(self, module: torch.nn.Module):
+        """`module` widened to the chains' dtype for a forward on them."""
+        return computing_in(module, self.compute) if self.compute is not None else nullcontext()
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -92,10 +100,11 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
-                  state_device: torch.device | None = None) -> Calibration:
+                  state_device: torch.device | None = None, compute: torch.dtype | None = None) -> Calibration:
     """One plain forward per batch; each layer's pre-hook records what the model hands it (moved to
     `state_device` when given: the host, when layers are onloaded to a GPU one at a time).
-    The forward stops at the last layer: nothing after it is needed."""
+    The forward stops at the last layer: nothing after it is needed. With `compute`, the forward and
+    so everything recorded are in that dtype."""
     inputs: list[list[LayerInputs]] = [[] for _ in layers]
     first_hidden: list[torch.Tensor] = []
     last = len(layers) - 1
@@ -116,16 +125,17 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, desc="recording block inputs", leave=False):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with computing_in(model, compute) if compute is not None else nullcontext():
+            for batch in tqdm(batches, desc="recording block inputs", leave=False):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
     return Calibration(inputs=inputs, fp_hidden=list(first_hidden), q_hidden=[h.clone() for h in first_hidden],
-                       fp_kv=[UserDict() for _ in batches], q_kv=[UserDict() for _ in batches])
+                       fp_kv=[UserDict() for _ in batches], q_kv=[UserDict() for _ in batches], compute=compute)
 
 
 def _cast(value, dtype: torch.dtype):
@@ -198,8 +208,9 @@ def run_layer(layer, hidden: torch.Tensor, recorded: LayerInputs, kv_store) -> t
 def advance(layer, index: int, cal: Calibration, chain: str) -> None:
     """Run one chain through `layer`; storing layers write their K/V into that batch's store."""
     hidden, stores = (cal.fp_hidden, cal.fp_kv) if chain == "fp" else (cal.q_hidden, cal.q_kv)
-    for b in range(len(hidden)):
-        hidden[b] = run_layer(layer, hidden[b], cal.inputs[index][b], stores[b])
+    with cal.computing(layer):
+        for b in range(len(hidden)):
+            hidden[b] = run_layer(layer, hidden[b], cal.inputs[index][b], stores[b])
 
 
 # ---------------------------------------------------------------- algorithms
@@ -322,8 +333,9 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
     try:
-        for b in range(len(cal.q_hidden)):
-            run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
+        with cal.computing(layer):
+            for b in range(len(cal.q_hidden)):
+                run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
     finally:
         for handle in handles:
             handle.remove()
@@ -344,38 +356,40 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
 ALGORITHMS = {"autoround": autoround_block, "gptq": gptq_block}
 
 
-@torch.no_grad()
-def block_error(layer, index: int, cal: Calibration) -> float:
-    """Mean squared error of the block's output on the quantized chain against the unquantized
-    chain's (cal.fp_hidden once advanced): what calibrated algorithms minimise."""
-    total = 0.0
-    for b in range(len(cal.q_hidden)):
-        out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
-        total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
-    return total / len(cal.q_hidden)
+def chain_error(cal: Calibration) -> float:
+    """Mean squared error of the quantized chain against the unquantized one, once both are advanced
+    through the same block: the block's output error, which the calibrated algorithms minimise."""
+    return sum(torch.nn.functional.mse_loss(q.float(), fp.float()).item()
+               for q, fp in zip(cal.q_hidden, cal.fp_hidden)) / len(cal.q_hidden)
 
 
 @torch.no_grad()
 def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
               schemes: dict[str, WeightScheme]) -> float:
-    """The block error with plain RTN weights (compressed-tensors' min/max grid), as the baseline."""
+    """The block's output error with plain RTN weights (compressed-tensors' min/max grid), as the
+    baseline; cal.fp_hidden is already advanced through the block, the quantized chain is not."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     originals = {name: module.weight.data for name, module in targets.items()}
     for name, module in targets.items():
         scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
         module.weight.data = fake_quantize(module.weight.data, scale, zero_point, _grid_args(schemes[name]))
+    total = 0.0
     try:
-        return block_error(layer, index, cal)
+        with cal.computing(layer):
+            for b in range(len(cal.q_hidden)):
+                out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
+                total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
     finally:
         for name, module in targets.items():
             module.weight.data = originals[name]
+    return total / len(cal.q_hidden)
 
 
 # ---------------------------------------------------------------- driver
 
 
-def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
+def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
                 "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
@@ -383,7 +397,21 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str) -> str:
         settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
     if recipe.quantize_experts:
         settings["quantize_experts"] = True
+    if compute is not None:  # chains computed in float32 give other grids than BF16 chains
+        settings["chain_compute"] = str(compute)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, block: dict[str, QuantizedWeight], error: dict) -> None:
+    """One finished block's grids and error, as tensors and plain data (so resuming needs no pickle)."""
+    grids = {name: {"weight": q.weight, "scale": q.scale, "zero_point": q.zero_point} for name, q in block.items()}
+    torch.save({"grids": grids, "error": error}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, QuantizedWeight], dict]:
+    saved = torch.load(path, weights_only=True)  # tensors and plain data only: the run dir may be shared
+    return {name: QuantizedWeight(**grid) for name, grid in saved["grids"].items()}, saved["error"]
 
 
 @dataclass
@@ -393,12 +421,15 @@ class BlockwiseResult:
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
-                       calibration_sha: str, onload: torch.device | None = None) -> BlockwiseResult:
+                       calibration_sha: str, onload: torch.device | None = None,
+                       compute: torch.dtype | None = None) -> BlockwiseResult:
     """Quantize every planned module of the text decoder, block by block; returns each module's grid
     and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
     with the same settings resumes at the first unfinished block. With `onload` (a GPU the model does
     not fit on), the model stays on the host and each block is onloaded to `onload` in turn, with its
-    recorded inputs and the chains' state; grids and state go back to the host after each block."""
+    recorded inputs and the chains' state; grids and state go back to the host after each block.
+    With `compute` (float32 where the CPU emulates bf16), the recording pass and both chains compute
+    in it; the algorithms and the grids they return are as in the model's own dtype."""
     prefix, layers = decoder_layers(model)
     planned = {m.name: m.scheme for m in plan.quantized}
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
@@ -407,18 +438,18 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     if any(m.component == "moe_experts" for m in plan.quantized):
         unfuse_experts(model)  # per-expert Linears: what the algorithms tune and the packed exports store
     with every_expert_on_every_token(model):
-        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha)
-        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload)
+        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha, compute)
+        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload, compute)
 
 
 def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: dict[str, WeightScheme],
                      recipe: Recipe, saved_dir: Path, tokens: torch.Tensor,
-                     onload: torch.device | None) -> BlockwiseResult:
+                     onload: torch.device | None, compute: torch.dtype | None) -> BlockwiseResult:
     """quantize_blockwise's loop over the decoder layers, MoE experts already set to see every token."""
     saved_dir.mkdir(parents=True, exist_ok=True)
     host = torch.device("cpu") if onload is not None else None
     with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
-        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host)
+        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
     progress = tqdm(range(len(layers)), desc=f"{recipe.algorithm} blocks", unit="block")
@@ -431,21 +462,22 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
         schemes = {n[len(layer_prefix):]: s for n, s in planned.items() if n.startswith(layer_prefix)}
         advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
         saved = saved_dir / f"block-{index:03d}.pt"
-        if saved.is_file():
-            block, error = torch.load(saved, weights_only=False)
+        resumed = saved.is_file()
+        if resumed:
+            block, error = load_checkpoint(saved)
             for name, q in block.items():
                 targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
             progress.set_postfix_str("resumed from checkpoint")
         elif targets:
             baseline = rtn_error(layer, targets, index, cal, schemes)
             block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
-            error = {"block": index, "rtn_mse": baseline, "mse": block_error(layer, index, cal)}
-            torch.save((block, error), saved.with_suffix(".tmp"))
-            saved.with_suffix(".tmp").rename(saved)
         else:
             block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
+        advance(layer, index, cal, "q")  # the quantized chain, through the block's new weights
+        if targets and not resumed:
+            error = {"block": index, "rtn_mse": baseline, "mse": chain_error(cal)}
+            save_checkpoint(saved, block, error)
         progress.set_postfix(mse=error["mse"], rtn=error["rtn_mse"])
-        advance(layer, index, cal, "q")
         if onload is not None:
             layer.to(host)
             move_layer_state(cal, index, host)

@@ -98,9 +98,11 @@ class BlockwiseBackend:
         if placement == "whole-model":
             spread(model, self.memory.gpu_budget_bytes if self.memory else [torch.cuda.mem_get_info(0)[0]])
         onload = torch.device("cuda", 0) if placement == "per-layer" else None
+        # The memory plan's measuring dtype: float32 chains where the CPU emulates bf16 and it fits.
+        compute = torch.float32 if self.memory is not None and self.memory.compute_dtype == "float32" else None
         try:
             result = quantize_blockwise(model, plan, recipe, data.tokens, data.work_dir / CHECKPOINTS, data.sha256,
-                                        onload=onload)
+                                        onload=onload, compute=compute)
         finally:
             if placement == "whole-model":
                 gather(model)
