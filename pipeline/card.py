@@ -173,7 +173,7 @@ class CardFacts(BaseModel):
 # ---------------------------------------------------------------- facts
 
 
-def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
+def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = None) -> CardFacts:
     """Everything the card says, from the run directory alone (plus the source's card, for its license)."""
     manifest = json.loads((run_dir / MANIFEST).read_text())
     recipe = Recipe.model_validate(manifest["recipe"])
@@ -203,7 +203,7 @@ def gather(run_dir: Path, repo_id: str | None = None) -> CardFacts:
         source_bytes=sizes["source_weights_bytes"] if sizes else manifest["sizes"]["source_bf16_bytes_estimate"],
         source_measured=bool(sizes and sizes["source_measured"]),
         bits_per_param=sizes["bits_per_quantized_param"] if sizes else None,
-        ref=repo_id or str(export),
+        ref=repo_id or str(export_at or export),
         model_class="AutoModelForImageTextToText" if arch.multimodal else "AutoModelForCausalLM",
         preprocessor="AutoProcessor" if any((export / f).is_file() for f in PROCESSOR_FILES) else "AutoTokenizer",
         context=min(arch.max_positions, SUGGESTED_CONTEXT),
@@ -416,22 +416,23 @@ def _environment():
     return env
 
 
-def render_card(run_dir: Path, repo_id: str | None = None) -> ModelCard:
-    facts = gather(run_dir, repo_id)
+def render_card(run_dir: Path, repo_id: str | None = None, export_at: Path | None = None) -> ModelCard:
+    facts = gather(run_dir, repo_id, export_at)
     body = _environment().get_template(TEMPLATE).render(f=facts, algorithms=ALGORITHMS,
                                                                  fmt=FORMATS[facts.recipe.export])
     return ModelCard(f"---\n{metadata(facts).to_yaml()}\n---\n\n{body}")
 
 
 @holds_run_lock
-def write_card(run_dir: Path, repo_id: str | None = None) -> Path:
+def write_card(run_dir: Path, repo_id: str | None = None, export_at: Path | None = None) -> Path:
     """Write export/README.md and record its checksum in the manifest, so `publish` can tell
     the card gemma-quant wrote from one edited since. The usage snippets name `repo_id`, else the
-    repo the card was last written for, else the recipe's hub.repo_id, else the export folder."""
+    repo the card was last written for, else the recipe's hub.repo_id, else the export folder (`export_at`:
+    where it will be, for a card written before the run moves the export into place)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / MANIFEST).read_text())
     repo_id = repo_id or (manifest.get("card") or {}).get("repo_id") or manifest["recipe"].get("hub", {}).get("repo_id")
-    text = str(render_card(run_dir, repo_id))
+    text = str(render_card(run_dir, repo_id, export_at))
     path = run_dir / EXPORT / CARD
     path.write_text(text)
     manifest["card"] = {"file": f"{EXPORT}/{CARD}", "repo_id": repo_id, "bytes": path.stat().st_size,

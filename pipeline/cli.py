@@ -73,7 +73,7 @@ def show_memory_plan(recipe_ref: str, plan, overrides) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from pipeline.run import quantize_run
+    from pipeline.run import REJECTED, quantize_run
     from pipeline.validate import ValidationFailed
 
     run_dir = args.run_dir or _run_dir(args.recipe)
@@ -81,8 +81,10 @@ def cmd_quantize(args) -> int:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
                                 validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args))
     except ValidationFailed as err:
-        show_eval(run_dir)
-        console.print(f"[bold red]{err}[/]\nthe export is kept in {run_dir / 'export'}; its manifest marks it as failing")
+        show_eval(run_dir / REJECTED)
+        previous = "the previous export is left in place" if (run_dir / "export").is_dir() else "no export is in place"
+        console.print(f"[bold red]{escape(str(err))}[/]\nthis run's export, card and eval are kept in "
+                      f"{escape(str(run_dir / REJECTED))}; {previous}", highlight=False)
         return 1
     sizes = manifest["sizes"]
     if not args.no_validate:
@@ -192,7 +194,7 @@ def _csv(kind):
 
 
 def show_eval(run_dir: Path) -> None:
-    from pipeline.validate import EVAL_JSON
+    from pipeline.run import EVAL_JSON
 
     report = json.loads((run_dir / EVAL_JSON).read_text())
     q, s = report["quality"], report["sizes"]
@@ -274,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirBusy as err:
         console.print(f"[bold red]run directory busy[/] {escape(str(err))}", highlight=False)
         return 1
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]; the previous export, card and manifest are left as they were",
+                      highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,13 +31,6 @@ class ExportIncomplete(RuntimeError):
     pass
 
 
-def staging_dir(final: Path) -> Path:
-    """A fresh folder beside `final` (same filesystem, so the final move is a rename)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _restore_interrupted_swap(final)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-staging-", dir=final.parent))
-
-
 def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: Plan, folder: Path) -> list[str]:
     """Save the quantized model and the source's side files into `folder`; return the copied names."""
     from pipeline.text_only import detach_from_source_config, export_sidecars, wanted
@@ -122,13 +115,25 @@ def replace_atomically(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _restore_interrupted_swap(final: Path) -> None:
-    """A run killed between the two renames of replace_atomically left the good export aside."""
+def restore_interrupted_swap(final: Path) -> bool:
+    """A run killed between the two renames of replace_atomically left the good folder aside: put it back."""
     if final.exists():
-        return
+        return False
     for old in sorted(final.parent.glob(f".{final.name}-old-*/{final.name}")):
         old.rename(final)
-        return
+        return True
+    return False
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    sums = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        sums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return sums
 
 
 def tensor_digests(folder: Path) -> dict[str, str]:

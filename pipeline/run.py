@@ -4,7 +4,13 @@ runs/<recipe>/
   plan.json       every module's fate and the size estimate
   export/         the complete, reloadable checkpoint (replaced atomically)
   manifest.json   resolved recipe, source, versions, timings, sizes, reload numbers
+  eval.json/.md   validation's measurements and verdict
+  rejected/       the last run that failed validation: its export, card, eval and manifest
   logs/           one log per stage invocation
+
+A run builds all of these in a candidate folder inside the run directory (`.candidate-*`) and moves
+them into place only once the export is validated and carded: until then, and on any failure or
+interruption, the previous export, its card and manifest stay as they were.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -37,7 +45,12 @@ PLAN = "plan.json"
 MANIFEST = "manifest.json"
 DIGESTS = "export_digests.json"  # per-tensor sha256 of the export as written
 MEMORY_PLAN = "memory_plan.json"
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
 OFFLOAD = "offload"  # disk-offloaded weights of a sequential run, removed when the run ends
+REJECTED = "rejected"  # the last candidate that failed validation, kept for inspection
+CANDIDATE = ".candidate-"  # prefix of the folder a run builds in
+RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD)  # a run's files beside export/ and the manifest
 
 
 class ReloadFailed(RuntimeError):
@@ -134,136 +147,185 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
                  validate: bool = True, card: bool = True, memory: MemorySpec | None = None) -> dict:
-    """recipe → plan → load → quantize → export (staged) → reload check → move into place → manifest
-    → validation (which raises ValidationFailed, export kept and manifest marked, on a miss) → model card
-    (written on a miss too, so the card says the checkpoint failed). `memory` overrides the recipe's
-    memory budgets (the CLI's flags); the memory plan is made in the plan stage, before any weight loads."""
-    from pipeline import reload as reloading
-    from pipeline.formats import export_format
-    from pipeline.export import folder_bytes, replace_atomically, staging_dir, tensor_digests, write_export
-    from pipeline.quantize import get_backend
-
+    """recipe → plan → load → quantize → export → reload check → manifest → validation → model card,
+    all in a candidate folder, then moved into place at once. A candidate that fails validation (which
+    raises ValidationFailed) gets its card too, saying so, and is kept in `rejected/`; the previous export
+    stays. `memory` overrides the recipe's memory budgets (the CLI's flags); the memory plan is made in the
+    plan stage, before any weight loads."""
     recipe_path = resolve_recipe_path(recipe_ref)
     recipe = load_recipe(recipe_path)
     run_dir = run_dir or recipe.run_dir
     check_run_dir(run_dir, recipe_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
     started = datetime.now(timezone.utc)
     with run_lock(run_dir), _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
-        with timer.stage("plan"):
-            source, config, plan = make_plan(recipe, recipe_path)
-            plan.save(run_dir / PLAN)
-            memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory),
-                                      recipe_path)
-            log.info("memory plan:\n%s", memory_plan.render())
-            write_json_atomically(run_dir / MEMORY_PLAN, memory_plan.model_dump(mode="json"))
-        offload_dir = run_dir / OFFLOAD
-        with timer.stage("load"):
-            model = (text_only.load_text_model(source, config) if text_only.wanted(recipe)
-                     else load_within(memory_plan, source, config, offload_dir))
-            from transformers import AutoTokenizer
+        clear_interrupted(run_dir)
+        candidate = Path(tempfile.mkdtemp(prefix=CANDIDATE, dir=run_dir))
+        try:
+            manifest = _build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
+            if validate:
+                _validate_candidate(candidate, card)
+            elif card:
+                from pipeline.card import write_card
 
-            tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
-            probe = reloading.probe_input_ids(tokenizer)
-            backend = get_backend(recipe, tokenizer, memory_plan)
-            measuring = torch_dtype(memory_plan.compute_dtype)
-            with computing_in(model, measuring):
-                reference = reloading.logits(model, probe)
-        data, calibration_set = None, None
-        if recipe.calibrated:
-            with timer.stage("calibration"):
-                from pipeline.calibration import load_or_build
-                from pipeline.quantize import CalibrationData
+                write_card(candidate, export_at=run_dir / EXPORT)
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            promote(candidate, run_dir)
+            log.info("export ready: %s", run_dir / EXPORT)
+        finally:
+            shutil.rmtree(candidate, ignore_errors=True)
+    return manifest
 
-                tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
-                                                        f"{recipe.model.id}@{recipe.model.revision}")
-                data = CalibrationData(tokens, calibration_set.sha256, run_dir)
+
+def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
+                     reload_check: bool | None, memory: MemorySpec | None) -> dict:
+    """Plan, load, quantize, export and reload-check into `candidate`; returns its manifest. Calibration
+    tokens and block checkpoints go to `run_dir`, where a rerun finds them."""
+    from pipeline import reload as reloading
+    from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
+    from pipeline.formats import export_format
+    from pipeline.quantize import get_backend
+
+    timer = Timer()
+    with timer.stage("plan"):
+        source, config, plan = make_plan(recipe, recipe_path)
+        plan.save(candidate / PLAN)
+        memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory),
+                                  recipe_path)
+        log.info("memory plan:\n%s", memory_plan.render())
+        write_json_atomically(candidate / MEMORY_PLAN, memory_plan.model_dump(mode="json"))
+    offload_dir = run_dir / OFFLOAD
+    with timer.stage("load"):
+        model = (text_only.load_text_model(source, config) if text_only.wanted(recipe)
+                 else load_within(memory_plan, source, config, offload_dir))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+        probe = reloading.probe_input_ids(tokenizer)
+        backend = get_backend(recipe, tokenizer, memory_plan)
+        measuring = torch_dtype(memory_plan.compute_dtype)
+        with computing_in(model, measuring):
+            reference = reloading.logits(model, probe)
+    data, calibration_set = None, None
+    if recipe.calibrated:
+        with timer.stage("calibration"):
+            from pipeline.calibration import load_or_build
+            from pipeline.quantize import CalibrationData
+
+            tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
+                                                    f"{recipe.model.id}@{recipe.model.revision}")
+            data = CalibrationData(tokens, calibration_set.sha256, run_dir)
+    export = candidate / EXPORT
+    try:
         with timer.stage("quantize"):
             backend.quantize(model, plan, recipe, data)
             with (quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext(),
                   computing_in(model, measuring)):
                 in_memory = reloading.logits(model, probe)
-        final = run_dir / EXPORT
-        staging = staging_dir(final)
-        try:
-            with timer.stage("export"):
-                copied = write_export(model, backend, source, recipe, plan, staging)
-                digests = tensor_digests(staging)
-            del model
-            report = None
-            if recipe.reload_check if reload_check is None else reload_check:
-                with timer.stage("reload_check"):
-                    report = reloading.reload_check(staging, model_class(config), probe, reference, in_memory,
-                                                    export_format(recipe.export), measuring)
-                if report.problems:
-                    raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
-            replace_atomically(staging, final)
-            write_json_atomically(run_dir / DIGESTS, digests)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(offload_dir, ignore_errors=True)
-        manifest = {
-            "tool": {"name": "gemma-quant", "version": __version__},
-            "status": "exported",
-            "created": started.isoformat(timespec="seconds"),
-            "recipe_file": str(recipe_path),
-            "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
-            "recipe": recipe.model_dump(mode="json"),
-            "source": {"id": recipe.model.id, "path": str(source.path) if source.path else None,
-                       "revision": recipe.model.revision},
-            "backend": backend.name,
-            "calibration": calibration_set.model_dump() if calibration_set else None,
-            "quantize_report": getattr(backend, "report", None),
-            "versions": library_versions(),
-            "timings_s": timer.seconds,
-            "plan": {"file": PLAN, **plan.counts()},
-            "sizes": {
-                "source_bf16_bytes_estimate": plan.bf16_bytes,
-                "export_weights_bytes_estimate": plan.export_bytes,
-                "export_weights_bytes": folder_bytes(final, "*.safetensors"),
-                "export_bytes": folder_bytes(final),
-            },
-            "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied, "tensor_digests": DIGESTS},
-            "reload": report.model_dump() if report else None,
-            "modalities": {"kept": recipe.modalities,
-                           "dropped_params": text_only.dropped_towers(load_config(source)) if text_only.wanted(recipe) else {}},
-            "memory": {"file": MEMORY_PLAN, "mode": memory_plan.mode, "host": memory_plan.host,
-                       "gpu": memory_plan.gpu, "needs": memory_plan.needs},
-        }
-        write_json_atomically(run_dir / MANIFEST, manifest)
-        log.info("export ready: %s", final)
-        if validate:
-            from pipeline.validate import validate_run
-
-            with timer.stage("validate"), _card_after_failure(run_dir, card):
-                validate_run(run_dir)
-            manifest = json.loads((run_dir / MANIFEST).read_text())
-            manifest["timings_s"] = timer.seconds
-            write_json_atomically(run_dir / MANIFEST, manifest)
-        if card:
-            from pipeline.card import write_card
-
-            write_card(run_dir)
-            manifest = json.loads((run_dir / MANIFEST).read_text())
+        with timer.stage("export"):
+            export.mkdir()
+            copied = write_export(model, backend, source, recipe, plan, export)
+            write_json_atomically(candidate / DIGESTS, tensor_digests(export))
+        del model
+        report = None
+        if recipe.reload_check if reload_check is None else reload_check:
+            with timer.stage("reload_check"):
+                report = reloading.reload_check(export, model_class(config), probe, reference, in_memory,
+                                                export_format(recipe.export), measuring)
+            if report.problems:
+                raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
+    finally:
+        shutil.rmtree(offload_dir, ignore_errors=True)
+    manifest = {
+        "tool": {"name": "gemma-quant", "version": __version__},
+        "status": "exported",
+        "created": started.isoformat(timespec="seconds"),
+        "recipe_file": str(recipe_path),
+        "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
+        "recipe": recipe.model_dump(mode="json"),
+        "source": {"id": recipe.model.id, "path": str(source.path) if source.path else None,
+                   "revision": recipe.model.revision},
+        "backend": backend.name,
+        "calibration": calibration_set.model_dump() if calibration_set else None,
+        "quantize_report": getattr(backend, "report", None),
+        "versions": library_versions(),
+        "timings_s": timer.seconds,
+        "plan": {"file": PLAN, **plan.counts()},
+        "sizes": {
+            "source_bf16_bytes_estimate": plan.bf16_bytes,
+            "export_weights_bytes_estimate": plan.export_bytes,
+            "export_weights_bytes": folder_bytes(export, "*.safetensors"),
+            "export_bytes": folder_bytes(export),
+        },
+        # What the pipeline wrote: validate judges the export against this record.
+        "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied, "tensor_digests": DIGESTS,
+                   "tensor_digests_sha256": hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest(),
+                   "files": file_checksums(export)},
+        "reload": report.model_dump() if report else None,
+        "modalities": {"kept": recipe.modalities,
+                       "dropped_params": text_only.dropped_towers(load_config(source)) if text_only.wanted(recipe) else {}},
+        "memory": {"file": MEMORY_PLAN, "mode": memory_plan.mode, "host": memory_plan.host,
+                   "gpu": memory_plan.gpu, "needs": memory_plan.needs},
+    }
+    write_json_atomically(candidate / MANIFEST, manifest)
     return manifest
 
 
-@contextmanager
-def _card_after_failure(run_dir: Path, card: bool):
-    """A run that fails validation still gets its card, which says so."""
-    from pipeline.validate import ValidationFailed
+def _validate_candidate(candidate: Path, card: bool) -> None:
+    """Validate the candidate and write its card. One that fails is carded too (the card says so) and kept
+    in `rejected/`; the previous export stays in place."""
+    from pipeline.export import replace_atomically
+    from pipeline.validate import ValidationFailed, validate_run
 
+    log.info("stage validate ...")
+    started, failed = time.perf_counter(), None
     try:
-        yield
-    except ValidationFailed:
-        if card:
-            from pipeline.card import write_card
+        validate_run(candidate)
+    except ValidationFailed as err:
+        failed = err
+    seconds = round(time.perf_counter() - started, 3)
+    log.info("stage validate done in %.1f s", seconds)
+    manifest = json.loads((candidate / MANIFEST).read_text())
+    manifest["timings_s"]["validate"] = seconds
+    write_json_atomically(candidate / MANIFEST, manifest)
+    run_dir = candidate.parent
+    if card:
+        from pipeline.card import write_card
 
-            write_card(run_dir)
-        raise
+        write_card(candidate, export_at=(run_dir / REJECTED if failed else run_dir) / EXPORT)
+    if failed is not None:
+        replace_atomically(candidate, run_dir / REJECTED)
+        log.error("validation failed: this run's export, card and eval are in %s; %s", run_dir / REJECTED,
+                  "the previous export is left as it was" if (run_dir / EXPORT).is_dir() else "no export is in place")
+        raise failed
+
+
+def clear_interrupted(run_dir: Path) -> None:
+    """What a killed run left in `run_dir` (its candidate, validation's logit scratch, a half swap), removed
+    or, for a half-swapped export, restored; each named in the log."""
+    from pipeline.export import restore_interrupted_swap
+
+    for folder in (run_dir / EXPORT, run_dir / REJECTED):
+        if restore_interrupted_swap(folder):
+            log.info("restored %s, set aside by an interrupted run", folder)
+    patterns = (f"{CANDIDATE}*", ".eval-*", ".*-old-*", f".{EXPORT}-staging-*")
+    for stale in sorted(p for pattern in patterns for p in run_dir.glob(pattern)):
+        log.info("removing %s, left by an interrupted run", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def promote(candidate: Path, run_dir: Path) -> None:
+    """The finished candidate into place: export/ swapped by renames, then the run's files, the manifest
+    last; a file of the previous run that this one did not write (eval.json of a run not validated) goes."""
+    from pipeline.export import replace_atomically
+
+    replace_atomically(candidate / EXPORT, run_dir / EXPORT)
+    for name in RUN_FILES:
+        if (candidate / name).is_file():
+            os.replace(candidate / name, run_dir / name)
+        else:
+            (run_dir / name).unlink(missing_ok=True)
+    os.replace(candidate / MANIFEST, run_dir / MANIFEST)
 
 
 @contextmanager
@@ -273,11 +335,20 @@ def _log_to(path: Path):
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    # The run's log has its stages whatever the caller's logging level (a library caller's is WARNING).
+    level = log.level
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    kept = "the previous export, card and manifest are left as they were"
     try:
         yield
-    except BaseException:
-        log.exception("run failed; any previous export is left as it was")
+    except KeyboardInterrupt:  # into the log file; the CLI says it on the console, in one line
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "interrupted; %s", (kept,), None))
+        raise
+    except BaseException as err:
+        log.error("run failed (%s: %s); %s", type(err).__name__, err, kept)
+        handler.stream.write(traceback.format_exc())  # the traceback in the log file, not on the console
         raise
     finally:
+        log.setLevel(level)
         root.removeHandler(handler)
         handler.close()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline import text_only
 from pipeline.compute import torch_dtype
 from pipeline.corpus import load_texts, token_windows
-from pipeline.export import ignore_problems, tensor_digest
+from pipeline.export import file_checksums, ignore_problems, tensor_digest
 from pipeline.formats import (COMPRESSED_TENSORS, ExportFormat, expert_slice, export_format, fused_source,
                               kept_problems)
 from pipeline.memory import MemoryPlan, load_within
@@ -35,11 +35,10 @@ from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
-from pipeline.run import DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, PLAN, library_versions, write_json_atomically
+from pipeline.run import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MANIFEST, MEMORY_PLAN, PLAN, library_versions,
+                          write_json_atomically)
 from pipeline.runlock import holds_run_lock
 
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
 KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
 
@@ -204,6 +203,8 @@ class _Tensors:
         """`rename`: the name each stored key goes by here (None leaves it out), e.g. a text-only build's."""
         self.files, self._stored_as = {}, {}
         for path in sorted(folder.glob("*.safetensors")):
+            if why_unreadable(path):
+                continue  # validation fails on it by name (unreadable_tensor_files)
             with safe_open(path, "pt") as f:
                 for key in f.keys():
                     if (name := rename(key) if rename else key) is not None:
@@ -358,15 +359,46 @@ def source_weights_dir(source: Source) -> Path | None:
         return None
 
 
-def file_checksums(folder: Path) -> dict[str, dict]:
-    sums = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-        sums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return sums
+def record_problems(run_dir: Path, manifest: dict) -> list[str]:
+    """The export against what the run recorded when it wrote it (the manifest's file list and the tensor
+    digests' checksum), not against an earlier validation: every file the pipeline wrote is there and
+    unchanged, nothing was added (the card, written after, is the card's own check)."""
+    from pipeline.card import CARD
+
+    written = manifest.get("export", {}).get("files")
+    if written is None:
+        return ["the manifest records no export file list: this export was not written by this gemma-quant; re-run quantize"]
+    current = file_checksums(run_dir / EXPORT)
+    problems = []
+    for name in sorted((written.keys() | current.keys()) - {CARD}):
+        if name not in current:
+            problems.append(f"{EXPORT}/{name} was written at export but is missing")
+        elif name not in written:
+            problems.append(f"{EXPORT}/{name} is in the export but the pipeline did not write it")
+        elif current[name]["sha256"] != written[name]["sha256"]:
+            problems.append(f"{EXPORT}/{name} changed since export")
+    digests = run_dir / DIGESTS
+    if not digests.is_file():
+        problems.append(f"{DIGESTS} is missing: the export's tensors cannot be checked against what was written")
+    elif hashlib.sha256(digests.read_bytes()).hexdigest() != manifest["export"].get("tensor_digests_sha256"):
+        problems.append(f"{DIGESTS} changed since export")
+    return problems
+
+
+def why_unreadable(path: Path) -> str | None:
+    """None if the safetensors file's header and tensor table can be read, else why not (a truncated copy)."""
+    try:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError by cause
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def unreadable_tensor_files(export: Path) -> list[str]:
+    return [f"{EXPORT}/{path.name} cannot be read: {why}" for path in sorted(export.glob("*.safetensors"))
+            if (why := why_unreadable(path))]
 
 
 @holds_run_lock
@@ -399,13 +431,19 @@ def validate_run(run_dir: Path) -> EvalReport:
             return text_only.load_text_model(source, config, dtype).eval()
         return load_within(memory, source, config, scratch / "offload", dtype).eval()  # disk-offloaded if it was
 
+    recorded = record_problems(run_dir, manifest)
+    unreadable = unreadable_tensor_files(export)
+    for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
-    quality, generations, load_problems = None, [], []
+    quality, generations, load_problems = None, [], unreadable
     try:
+        if unreadable:
+            raise LoadProblems("; ".join(unreadable))
         quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt, dtype), windows, scratch,
                                               tokenizer, spec.prompts, spec.max_new_tokens)
     except LoadProblems as err:
-        load_problems = [str(err)]
+        load_problems = unreadable or [str(err)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     weights_dir = source_weights_dir(source)
@@ -414,9 +452,11 @@ def validate_run(run_dir: Path) -> EvalReport:
     digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
     rename = text_only.source_key if text_only.wanted(recipe) else None
     structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests, rename,
-                                  kv_scales=qconfig.get("kv_cache_scheme") is not None) if weights_dir else
+                                  kv_scales=qconfig.get("kv_cache_scheme") is not None)
+                 if weights_dir and not unreadable else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
-                           problems=["the source's weights are not available locally to compare with"]))
+                           problems=[] if unreadable else ["the source's weights are not available locally to compare with"]))
+    structure.problems = recorded + structure.problems
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,

@@ -146,6 +146,9 @@ def test_calibrated_export_reloads_and_validates(algorithm, tmp_path):
     again = quantize_run(path, validate=False)
     assert again["calibration"]["cached"] and again["calibration"]["sha256"] == manifest["calibration"]["sha256"]
     assert again["quantize_report"]["block_errors"] == errors
+    assert manifest["quantize_report"]["resumed_blocks"] == [] and again["quantize_report"]["resumed_blocks"] == list(range(10))
+    log = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))[-1].read_text()
+    assert "block 9: resumed from" in log
 
 
 def test_block_driver_replays_a_model_without_ple_like_a_plain_forward():

@@ -259,10 +259,11 @@ def test_quantize_writes_the_card_even_when_validation_fails(tmp_path, monkeypat
     recipe.write_text(f"model: tiny:31b\nscheme: W8A16\noutput_dir: {tmp_path / 'run'}\n")
     with pytest.raises(validate.ValidationFailed):
         quantize_run(recipe, reload_check=False, card=card)
-    readme = tmp_path / "run" / "export" / "README.md"
+    readme = tmp_path / "run" / "rejected" / "export" / "README.md"
     assert readme.is_file() == card
-    if card:
+    if card:  # the card's usage names the export where it is now
         assert "**Validation: failed.** gate x failed" in readme.read_text()
+        assert f"vllm serve {tmp_path / 'run' / 'rejected' / 'export'} " in readme.read_text()
 
 
 def test_moe_variant_and_its_bf16_experts(validated_copy):

@@ -151,8 +151,13 @@ def test_failed_run_leaves_previous_export_intact(tmp_path, monkeypatch, failure
     assert manifest.read_text() == manifest_before
     # no staging left; the run-dir lock file stays (pipeline/runlock.py: an flock, removing it would race)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != LOCK) == []
-    logs = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))
-    assert "run failed; any previous export is left as it was" in logs[-1].read_text()
+    log = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))[-1].read_text()
+    if isinstance(failure, KeyboardInterrupt):  # one line, no traceback
+        assert "interrupted; the previous export, card and manifest are left as they were" in log
+        assert "Traceback" not in log
+    else:  # the traceback goes to the log file
+        assert "run failed (RuntimeError: disk full); the previous export, card and manifest are left as they were" in log
+        assert "Traceback" in log and "half_written_save" in log
 
 
 def test_reload_check_catches_weights_that_would_load_random(tmp_path, monkeypatch):

@@ -418,6 +418,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, QuantizedWeight], dict]:
 class BlockwiseResult:
     grids: dict[str, QuantizedWeight]
     block_errors: list[dict]  # per block: output MSE with RTN weights and with the algorithm's
+    resumed_blocks: list[int]  # blocks read back from an interrupted run's checkpoints
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
@@ -452,6 +453,7 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
         cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
+    resumed_blocks: list[int] = []
     progress = tqdm(range(len(layers)), desc=f"{recipe.algorithm} blocks", unit="block")
     for index in progress:
         layer, layer_prefix = layers[index], f"{prefix}.{index}."
@@ -467,7 +469,8 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             block, error = load_checkpoint(saved)
             for name, q in block.items():
                 targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
-            progress.set_postfix_str("resumed from checkpoint")
+            log.info("block %d: resumed from %s", index, saved)
+            resumed_blocks.append(index)
         elif targets:
             baseline = rtn_error(layer, targets, index, cal, schemes)
             block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
@@ -484,4 +487,4 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             block = {name: QuantizedWeight(*_to((q.weight, q.scale, q.zero_point), host)) for name, q in block.items()}
         results.update({layer_prefix + name: q for name, q in block.items()})
         errors.append(error)
-    return BlockwiseResult(results, errors)
+    return BlockwiseResult(results, errors, resumed_blocks)

@@ -107,7 +107,7 @@ class BlockwiseBackend:
             if placement == "whole-model":
                 gather(model)
         attach_grids(model, plan, recipe, result.grids)
-        self.report = {"block_errors": result.block_errors}
+        self.report = {"block_errors": result.block_errors, "resumed_blocks": result.resumed_blocks}
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
         save_compressed_tensors(model, folder)
