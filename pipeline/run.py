@@ -162,7 +162,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         clear_interrupted(run_dir)
         candidate = Path(tempfile.mkdtemp(prefix=CANDIDATE, dir=run_dir))
         try:
-            manifest = _build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
+            _build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
             if validate:
                 _validate_candidate(candidate, card)
             elif card:
@@ -178,8 +178,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
 
 
 def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
-                     reload_check: bool | None, memory: MemorySpec | None) -> dict:
-    """Plan, load, quantize, export and reload-check into `candidate`; returns its manifest. Calibration
+                     reload_check: bool | None, memory: MemorySpec | None) -> None:
+    """Plan, load, quantize, export and reload-check into `candidate`, its manifest last. Calibration
     tokens and block checkpoints go to `run_dir`, where a rerun finds them."""
     from pipeline import reload as reloading
     from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
@@ -268,7 +268,6 @@ def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate
                    "gpu": memory_plan.gpu, "needs": memory_plan.needs},
     }
     write_json_atomically(candidate / MANIFEST, manifest)
-    return manifest
 
 
 def _validate_candidate(candidate: Path, card: bool) -> None:
@@ -277,16 +276,14 @@ def _validate_candidate(candidate: Path, card: bool) -> None:
     from pipeline.export import replace_atomically
     from pipeline.validate import ValidationFailed, validate_run
 
-    log.info("stage validate ...")
-    started, failed = time.perf_counter(), None
-    try:
-        validate_run(candidate)
-    except ValidationFailed as err:
-        failed = err
-    seconds = round(time.perf_counter() - started, 3)
-    log.info("stage validate done in %.1f s", seconds)
+    timer, failed = Timer(), None
+    with timer.stage("validate"):
+        try:
+            validate_run(candidate)
+        except ValidationFailed as err:
+            failed = err
     manifest = json.loads((candidate / MANIFEST).read_text())
-    manifest["timings_s"]["validate"] = seconds
+    manifest["timings_s"].update(timer.seconds)
     write_json_atomically(candidate / MANIFEST, manifest)
     run_dir = candidate.parent
     if card:
