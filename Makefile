@@ -37,13 +37,15 @@ publish: setup
 	$(BIN)/gemma-quant publish $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(filter 1,$(PRIVATE)),--private) \
 		$(if $(REVISION),--revision $(REVISION)) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FORCE)),--force)
 
-# The fast tier (tiny models, every stage): what to run after a change.
+# The fast tier (tiny models, every stage): what to run after a change. One pytest-xdist worker per
+# core, each computing on one thread (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --durations=15
 
-# Everything CI runs: the fast tier plus the real-weight (Gemma 3 270M) tests, with the 25 slowest listed.
-test-all: setup
-	$(BIN)/python -m pytest -q --durations=25
+# Everything CI runs: the fast tier, then the real-weight (Gemma 3 270M) tier in a process of its own,
+# on every core, with the 25 slowest listed.
+test-all: test
+	$(BIN)/python -m pytest -q -m slow --durations=25
 
 # JupyterLab on notebooks/, in the project environment: the `notebooks` extra (JupyterLab is not
 # in `dev`) installed into .venv once, against the same constraints as the tested set.

