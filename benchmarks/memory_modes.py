@@ -45,7 +45,7 @@ CHILD = textwrap.dedent("""
         from pipeline.run import quantize_run
         manifest = quantize_run(recipe, validate=False, card=False, reload_check=False,
                                 memory=MemorySpec(**budget))
-        mode = manifest["memory"]["mode"]
+        mode = manifest.memory.mode
     else:  # the raw library call a publisher would write, with the same scheme and ignore list
         sys.path.insert(0, "benchmarks")
         from memory_modes import raw_llmcompressor

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from pipeline.plan import WHY_KEPT, Plan
 from pipeline.recipe import RECIPES_DIR, Recipe
-from pipeline.run import EXPORT, MANIFEST, PLAN, write_json_atomically
+from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.runlock import holds_run_lock
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,19 @@ FORMATS = {
 }
 
 
-def calibration_text(manifest: dict, recipe: Recipe) -> str:
+def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
     """What the calibrated pass saw, from the manifest; and the algorithm's settings."""
-    data = manifest.get("calibration")
+    data = manifest.calibration
     if not data:
         return CALIBRATION.get(recipe.algorithm, "none recorded in the manifest")
-    sources = ", ".join(f"{name} ({count})" for name, count in data["per_source"].items())
+    sources = ", ".join(f"{name} ({count})" for name, count in data.per_source.items())
     if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
-        return (f"{data['samples']} × {data['seq_len']} tokens from {sources} (sha256 {data['sha256'][:12]}), "
+        return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}), "
                 f"for the FP8 KV-cache scales only; the weights are round-to-nearest")
     settings = (f"{recipe.autoround.iters} iterations, batch {recipe.autoround.batch_size}"
                 if recipe.algorithm == "autoround" else
                 f"block {recipe.gptq.block_size}, dampening {recipe.gptq.dampening}, actorder {recipe.gptq.actorder}")
-    return (f"{data['samples']} × {data['seq_len']} tokens from {sources} (sha256 {data['sha256'][:12]}); "
+    return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}); "
             f"{settings}; every decoder block calibrated on its own PLE slice, rotary embedding and same-batch shared K/V")
 # vLLM and SGLang reserve KV cache for the whole context length; the configs allow 128K-256K, which
 # rarely fits beside the weights on one GPU. The snippets start here; the card says how far it goes.
@@ -175,16 +175,16 @@ class CardFacts(BaseModel):
 
 def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = None) -> CardFacts:
     """Everything the card says, from the run directory alone (plus the source's card, for its license)."""
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    recipe = Recipe.model_validate(manifest["recipe"])
+    manifest = Manifest.load(run_dir)
+    recipe = manifest.recipe
     plan = Plan.load(run_dir / PLAN)
     export = run_dir / EXPORT
     config = json.loads((export / "config.json").read_text())
     source = source_facts(manifest, recipe)
     arch = architecture(config, plan)
     measured, not_measured = measurements(run_dir, manifest)
-    validation = manifest.get("validation")
-    status = "not validated" if not validation else "passed" if validation["passed"] else "failed"
+    validation = manifest.validation
+    status = "not validated" if not validation else "passed" if validation.passed else "failed"
     sizes = measured.sizes if measured else None
     quantized_params = sum(m.params for m in plan.quantized)
     recipe_yaml, verbatim = recipe_text(manifest)
@@ -194,13 +194,13 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         source=source, arch=arch, recipe=recipe,
         quant_format=config.get("quantization_config", {}).get("format", recipe.export),
         calibration=calibration_text(manifest, recipe),
-        versions=manifest["versions"],
+        versions=manifest.versions,
         linears=plan.counts()["linear"], quantized_modules=len(plan.quantized), quantized_params=quantized_params,
         kept=kept, other_params=plan.other_params,
-        status=status, failures=validation["failures"] if validation else [],
+        status=status, failures=validation.failures if validation else [],
         measured=measured, not_measured=not_measured, eval_text=eval_text(measured.eval) if measured else None,
-        weights_bytes=sizes["export_weights_bytes"] if sizes else manifest["sizes"]["export_weights_bytes"],
-        source_bytes=sizes["source_weights_bytes"] if sizes else manifest["sizes"]["source_bf16_bytes_estimate"],
+        weights_bytes=sizes["export_weights_bytes"] if sizes else manifest.sizes.export_weights_bytes,
+        source_bytes=sizes["source_weights_bytes"] if sizes else manifest.sizes.source_bf16_bytes_estimate,
         source_measured=bool(sizes and sizes["source_measured"]),
         bits_per_param=sizes["bits_per_quantized_param"] if sizes else None,
         ref=repo_id or str(export_at or export),
@@ -210,7 +210,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
         license=license_facts(manifest, recipe, source),
         limitations=[],
-        dropped_towers=(manifest.get("modalities") or {}).get("dropped_params") or {},
+        dropped_towers=manifest.modalities.dropped_params,
     )
     if plan.mixed:
         facts.mix = {scheme.label: len(names) for scheme, names in plan.schemes().items()}
@@ -219,7 +219,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
     return facts
 
 
-def source_facts(manifest: dict, recipe: Recipe) -> SourceFacts:
+def source_facts(manifest: Manifest, recipe: Recipe) -> SourceFacts:
     spec = recipe.model
     if spec.id.startswith("tiny:"):
         from pipeline.tiny import VARIANTS
@@ -227,7 +227,7 @@ def source_facts(manifest: dict, recipe: Recipe) -> SourceFacts:
         shape = VARIANTS[spec.id.removeprefix("tiny:")]
         return SourceFacts(kind="tiny", id=spec.id, revision=None, base_model=recipe.hub.base_model,
                            name=f"Tiny random {shape} (seed {spec.seed})", shape=shape)
-    if manifest["source"]["path"]:  # a local folder: its name is not a Hub id, whatever it looks like
+    if manifest.source.path:  # a local folder: its name is not a Hub id, whatever it looks like
         return SourceFacts(kind="local", id=spec.id, revision=None, base_model=recipe.hub.base_model,
                            name=recipe.hub.base_model.split("/")[-1] if recipe.hub.base_model else Path(spec.id).name)
     return SourceFacts(kind="hub", id=spec.id, revision=spec.revision, base_model=recipe.hub.base_model or spec.id,
@@ -266,13 +266,13 @@ def kept_groups(plan: Plan) -> list[KeptGroup]:
                   key=lambda g: -g.params)
 
 
-def measurements(run_dir: Path, manifest: dict) -> tuple[Measured | None, str | None]:
+def measurements(run_dir: Path, manifest: Manifest) -> tuple[Measured | None, str | None]:
     """The validation report, or why there is none. eval.json counts only when the manifest says this
     export was validated: a report left over from an earlier export in the same run folder does not."""
-    if not manifest.get("validation"):
+    if not manifest.validation:
         return None, ("this checkpoint was not validated (quantized with `--no-validate`, or validation did not "
                       "finish), so its quality was not measured")
-    path = run_dir / manifest["validation"]["report"]
+    path = run_dir / manifest.validation.report
     if not path.is_file():
         return None, f"the validation report ({path.name}) is missing from the run, so no numbers can be quoted"
     measured = Measured.model_validate(json.loads(path.read_text()))
@@ -292,28 +292,28 @@ def eval_text(spec: dict) -> str:
     return f"a local file, `{Path(source).name}`"
 
 
-def recipe_text(manifest: dict) -> tuple[str, bool]:
+def recipe_text(manifest: Manifest) -> tuple[str, bool]:
     """The recipe file as written (comments included) when it is still the one the run used,
     else the resolved recipe from the manifest."""
-    path = Path(manifest["recipe_file"])
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == manifest["recipe_sha256"]:
+    path = Path(manifest.recipe_file)
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == manifest.recipe_sha256:
         return path.read_text().rstrip("\n"), True
-    return yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip("\n"), False
+    return yaml.safe_dump(manifest.recipe.model_dump(mode="json"), sort_keys=False).rstrip("\n"), False
 
 
-def quantize_command(manifest: dict, recipe: Recipe) -> str:
-    path = Path(manifest["recipe_file"])
+def quantize_command(manifest: Manifest, recipe: Recipe) -> str:
+    path = Path(manifest.recipe_file)
     shipped = path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
     return f"gemma-quant quantize {recipe.name if shipped else recipe.name + '.yaml'}"
 
 
-def source_card_metadata(manifest: dict, source: SourceFacts) -> tuple[dict, str]:
+def source_card_metadata(manifest: Manifest, source: SourceFacts) -> tuple[dict, str]:
     """The source model's own card metadata, and what to call that card ('' when there is none)."""
     if source.kind == "tiny":
         return {}, ""
     try:
         if source.kind == "local":
-            path = Path(manifest["source"]["path"]) / CARD
+            path = Path(manifest.source.path) / CARD
             if not path.is_file():
                 return {}, ""
         else:
@@ -328,7 +328,7 @@ def source_card_metadata(manifest: dict, source: SourceFacts) -> tuple[dict, str
         return {}, ""
 
 
-def license_facts(manifest: dict, recipe: Recipe, source: SourceFacts) -> LicenseFacts:
+def license_facts(manifest: Manifest, recipe: Recipe, source: SourceFacts) -> LicenseFacts:
     data, where = source_card_metadata(manifest, source)
     language = data.get("language") or recipe.hub.language
     language = [language] if isinstance(language, str) else language
@@ -430,14 +430,14 @@ def write_card(run_dir: Path, repo_id: str | None = None, export_at: Path | None
     repo the card was last written for, else the recipe's hub.repo_id, else the export folder (`export_at`:
     where it will be, for a card written before the run moves the export into place)."""
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    repo_id = repo_id or (manifest.get("card") or {}).get("repo_id") or manifest["recipe"].get("hub", {}).get("repo_id")
+    manifest = Manifest.load(run_dir)
+    repo_id = repo_id or (manifest.card and manifest.card.repo_id) or manifest.recipe.hub.repo_id
     text = str(render_card(run_dir, repo_id, export_at))
     path = run_dir / EXPORT / CARD
     path.write_text(text)
-    manifest["card"] = {"file": f"{EXPORT}/{CARD}", "repo_id": repo_id, "bytes": path.stat().st_size,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                        "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomically(run_dir / MANIFEST, manifest)
+    manifest.card = CardRecord(file=f"{EXPORT}/{CARD}", repo_id=repo_id, bytes=path.stat().st_size,
+                               sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                               written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest.save(run_dir)
     log.info("model card written: %s", path)
     return path

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.recipe import RecipeError
+from pipeline.rundir import ManifestError
 from pipeline.runlock import RunDirBusy
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -52,7 +53,8 @@ def show_plan(plan) -> None:
 
 
 def cmd_plan(args) -> None:
-    from pipeline.run import PLAN, plan_run
+    from pipeline.run import plan_run
+    from pipeline.rundir import PLAN
 
     plan = plan_run(args.recipe, args.run_dir)
     show_plan(plan)
@@ -73,7 +75,8 @@ def show_memory_plan(recipe_ref: str, plan, overrides) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from pipeline.run import REJECTED, quantize_run
+    from pipeline.run import quantize_run
+    from pipeline.rundir import REJECTED
     from pipeline.validate import ValidationFailed
 
     run_dir = args.run_dir or _run_dir(args.recipe)
@@ -86,11 +89,11 @@ def cmd_quantize(args) -> int:
         console.print(f"[bold red]{escape(str(err))}[/]\nthis run's export, card and eval are kept in "
                       f"{escape(str(run_dir / REJECTED))}; {previous}", highlight=False)
         return 1
-    sizes = manifest["sizes"]
+    sizes = manifest.sizes
     if not args.no_validate:
         show_eval(run_dir)
-    console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes['export_weights_bytes'])} weights; "
-                  f"plan estimated {_gb(sizes['export_weights_bytes_estimate'])})")
+    console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes.export_weights_bytes)} weights; "
+                  f"plan estimated {_gb(sizes.export_weights_bytes_estimate)})")
     return 0
 
 
@@ -194,7 +197,7 @@ def _csv(kind):
 
 
 def show_eval(run_dir: Path) -> None:
-    from pipeline.run import EVAL_JSON
+    from pipeline.rundir import EVAL_JSON
 
     report = json.loads((run_dir / EVAL_JSON).read_text())
     q, s = report["quality"], report["sizes"]
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {escape(str(err))}", highlight=False)
         return 2
+    except ManifestError as err:
+        console.print(f"[bold red]run directory error[/] {escape(str(err))}", highlight=False)
+        return 1
     except RunDirBusy as err:
         console.print(f"[bold red]run directory busy[/] {escape(str(err))}", highlight=False)
         return 1

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.model import cache_dir
+from pipeline.cache import cache_dir
 
 # SentencePiece piece types, as llama.cpp writes them into `tokenizer.ggml.token_type`.
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4

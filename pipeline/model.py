@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cache import cache_dir
 from pipeline.recipe import GEMMA3_270M, ModelSpec, RecipeError, clip, looks_local, shown
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ class Source:
     def ref(self) -> str:
         """What transformers' from_pretrained takes."""
         return str(self.path) if self.path else self.spec.id
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GEMMA_QUANT_CACHE", Path.home() / ".cache" / "gemma-quant"))
 
 
 def resolve(spec: ModelSpec) -> Source:

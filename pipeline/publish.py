@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline import __version__
 from pipeline.card import CARD, write_card
 from pipeline.recipe import HubSpec, Recipe
-from pipeline.run import EXPORT, MANIFEST, write_json_atomically
+from pipeline.rundir import EXPORT, MANIFEST, Manifest, Published
 from pipeline.runlock import run_lock
 
 log = logging.getLogger(__name__)
@@ -82,45 +82,32 @@ class PublishPlan(BaseModel):
         return sum(f.bytes for f in self.files)
 
 
-class Published(BaseModel):
-    repo_id: str
-    revision: str
-    url: str
-    commit_oid: str | None
-    commit_url: str | None
-    uploaded: list[str]
-    deleted: list[str]
-    up_to_date: bool
-    forced_past: list[str]
-    time: str
-
-
 # ---------------------------------------------------------------- local checks
 
 
 def prepare(run_dir: Path, repo_id: str | None = None, private: bool | None = None,
             revision: str | None = None) -> PublishPlan:
     """Read the run, pick the target, list the files and everything that should stop the push."""
-    from pipeline.validate import file_checksums
+    from pipeline.export import file_checksums
 
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise PublishError(f"{run_dir} is not a run directory (no {MANIFEST}): quantize a recipe first, "
                            "e.g. `gemma-quant quantize RECIPE`")
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    recipe = Recipe.model_validate(manifest["recipe"])
+    manifest = Manifest.load(run_dir)
+    recipe = manifest.recipe
     target = Target(repo_id=_repo_id(repo_id, recipe, manifest), revision=revision or "main",
                     private=recipe.hub.private if private is None else private)
     export = run_dir / EXPORT
     sums = file_checksums(export) if export.is_dir() else {}
     files = [LocalFile(path=name, bytes=s["bytes"], sha256=s["sha256"]) for name, s in sums.items()]
-    card = manifest.get("card") or {}
-    card_is_generated = CARD in sums and sums[CARD]["sha256"] == card.get("sha256")
+    card = manifest.card
+    card_is_generated = card is not None and CARD in sums and sums[CARD]["sha256"] == card.sha256
     return PublishPlan(
         run_dir=run_dir, target=target, files=files,
         problems=status_problems(manifest, run_dir) + completeness_problems(export) + drift_problems(manifest, sums),
         card_metadata=_card_metadata(export / CARD) if CARD in sums else {},
-        card_repo_id=card.get("repo_id"), card_is_generated=card_is_generated,
+        card_repo_id=card.repo_id if card else None, card_is_generated=card_is_generated,
         commit_message=f"Upload {recipe.name} ({recipe.model.id}, {recipe.scheme} {recipe.algorithm}) "
                        f"with gemma-quant {__version__}",
         commit_description=_description(manifest, recipe),
@@ -133,11 +120,11 @@ def _card_metadata(path: Path) -> dict:
     return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
 
 
-def _repo_id(given: str | None, recipe: Recipe, manifest: dict) -> str:
+def _repo_id(given: str | None, recipe: Recipe, manifest: Manifest) -> str:
     repo_id = given or recipe.hub.repo_id
     if not repo_id:
         raise PublishError(f"no repo id: pass --repo-id OWNER/NAME (make: REPO_ID=OWNER/NAME), or set "
-                           f"hub: {{repo_id: OWNER/NAME}} in the recipe ({manifest['recipe_file']})")
+                           f"hub: {{repo_id: OWNER/NAME}} in the recipe ({manifest.recipe_file})")
     try:
         HubSpec(repo_id=repo_id)
     except ValidationError as err:
@@ -145,12 +132,12 @@ def _repo_id(given: str | None, recipe: Recipe, manifest: dict) -> str:
     return repo_id
 
 
-def status_problems(manifest: dict, run_dir: Path) -> list[str]:
-    status = manifest.get("status")
+def status_problems(manifest: Manifest, run_dir: Path) -> list[str]:
+    status = manifest.status
     if status == "validated":
         return []
     if status == "failed_validation":
-        return ["the run failed validation: " + "; ".join(manifest["validation"]["failures"])]
+        return ["the run failed validation: " + "; ".join(manifest.validation.failures if manifest.validation else [])]
     return [f"the run was not validated (status {status!r}): run `gemma-quant validate {run_dir}` first"]
 
 
@@ -179,35 +166,34 @@ def completeness_problems(export: Path) -> list[str]:
     return problems
 
 
-def drift_problems(manifest: dict, files: dict[str, dict]) -> list[str]:
+def drift_problems(manifest: Manifest, files: dict[str, dict]) -> list[str]:
     """Files added, removed or changed since validation checksummed them (the card: since
     `gemma-quant card` wrote it, which is after validation)."""
-    validated = (manifest.get("validation") or {}).get("export_files")
-    if not validated:
+    if not manifest.validation:
         return []  # never validated: status_problems says so
-    expected = dict(validated)
-    if card := manifest.get("card"):
-        expected[CARD] = {"bytes": card["bytes"], "sha256": card["sha256"]}
+    expected = {name: s.sha256 for name, s in manifest.validation.export_files.items()}
+    if card := manifest.card:
+        expected[CARD] = card.sha256
     problems = []
     for name in sorted(expected.keys() | files.keys()):
         if name not in files:
             problems.append(f"{name} was validated but is missing now")
         elif name not in expected:
             problems.append(f"{name} was added after validation")
-        elif files[name]["sha256"] != expected[name]["sha256"]:
+        elif files[name]["sha256"] != expected[name]:
             problems.append(f"{name} was edited after `gemma-quant card` wrote it" if name == CARD
                             else f"{name} changed since validation")
     return problems
 
 
-def _description(manifest: dict, recipe: Recipe) -> str:
-    quality = (manifest.get("validation") or {}).get("quality")
+def _description(manifest: Manifest, recipe: Recipe) -> str:
+    quality = manifest.validation.quality if manifest.validation else None
     measured = (f"KL mean {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.4f}, "
                 f"perplexity ratio {quality['ppl_ratio']:.4f}") if quality else "quality not measured"
     return "\n".join([
-        f"Recipe {recipe.name} (sha256 {manifest['recipe_sha256'][:12]}), source {recipe.model.id}"
+        f"Recipe {recipe.name} (sha256 {manifest.recipe_sha256[:12]}), source {recipe.model.id}"
         + (f"@{recipe.model.revision}" if recipe.model.revision else ""),
-        f"Quantized with gemma-quant {manifest['tool']['version']}; validation: {manifest.get('status')}; {measured}",
+        f"Quantized with gemma-quant {manifest.tool.version}; validation: {manifest.status}; {measured}",
     ])
 
 
@@ -338,13 +324,12 @@ def _same(remote, local: LocalFile, export: Path) -> bool:
 
 def _record(run_dir: Path, result: Published) -> None:
     """Append to the manifest's `published` list; an up-to-date re-publish adds nothing new."""
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    published = manifest.setdefault("published", [])
-    if result.up_to_date and any(p["repo_id"] == result.repo_id and p["revision"] == result.revision
-                                 and p["commit_oid"] == result.commit_oid for p in published):
+    manifest = Manifest.load(run_dir)
+    if result.up_to_date and any(p.repo_id == result.repo_id and p.revision == result.revision
+                                 and p.commit_oid == result.commit_oid for p in manifest.published):
         return
-    published.append(result.model_dump(mode="json"))
-    write_json_atomically(run_dir / MANIFEST, manifest)
+    manifest.published.append(result)
+    manifest.save(run_dir)
 
 
 # ---------------------------------------------------------------- errors, token, log

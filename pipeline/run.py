@@ -1,12 +1,5 @@
-"""A run: the stages of one recipe, their outputs in `runs/<recipe>/`, and a manifest.
-
-runs/<recipe>/
-  plan.json       every module's fate and the size estimate
-  export/         the complete, reloadable checkpoint (replaced atomically)
-  manifest.json   resolved recipe, source, versions, timings, sizes, reload numbers
-  eval.json/.md   validation's measurements and verdict
-  rejected/       the last run that failed validation: its export, card, eval and manifest
-  logs/           one log per stage invocation
+"""A run: the stages of one recipe, their outputs in its run directory (pipeline/rundir.py), and a
+manifest.
 
 A run builds all of these in a candidate folder inside the run directory (`.candidate-*`) and moves
 them into place only once the export is validated and carded: until then, and on any failure or
@@ -19,59 +12,30 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
-from pipeline import __version__, text_only
+from pipeline import text_only
 from pipeline.compute import computing_in, torch_dtype
 from pipeline.memory import OFFLOAD_MARKER, load_within, plan_memory, quantized_forward_per_layer, resolve_budget
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
                              resolve_recipe_path)
+from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, REJECTED, RUN_FILES,
+                             ExportRecord, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
+                             library_versions, write_json_atomically)
 from pipeline.runlock import run_lock
 
 log = logging.getLogger("pipeline")
 
-EXPORT = "export"
-PLAN = "plan.json"
-MANIFEST = "manifest.json"
-DIGESTS = "export_digests.json"  # per-tensor sha256 of the export as written
-MEMORY_PLAN = "memory_plan.json"
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
-OFFLOAD = "offload"  # disk-offloaded weights of a sequential run, removed when the run ends
-REJECTED = "rejected"  # the last candidate that failed validation, kept for inspection
-CANDIDATE = ".candidate-"  # prefix of the folder a run builds in
-RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD)  # a run's files beside export/ and the manifest
-
-
 class ReloadFailed(RuntimeError):
     pass
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def library_versions() -> dict[str, str]:
-    names = ("torch", "transformers", "llmcompressor", "compressed-tensors", "auto-round", "accelerate")
-    found = {"python": platform.python_version(), "gemma-quant": __version__}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except Exception:
-            continue
-    return found
 
 
 class Timer:
@@ -146,7 +110,7 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
 
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
-                 validate: bool = True, card: bool = True, memory: MemorySpec | None = None) -> dict:
+                 validate: bool = True, card: bool = True, memory: MemorySpec | None = None) -> Manifest:
     """recipe → plan → load → quantize → export → reload check → manifest → validation → model card,
     all in a candidate folder, then moved into place at once. A candidate that fails validation (which
     raises ValidationFailed) gets its card too, saying so, and is kept in `rejected/`; the previous export
@@ -169,7 +133,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
                 from pipeline.card import write_card
 
                 write_card(candidate, export_at=run_dir / EXPORT)
-            manifest = json.loads((candidate / MANIFEST).read_text())
+            manifest = Manifest.load(candidate)
             promote(candidate, run_dir)
             log.info("export ready: %s", run_dir / EXPORT)
         finally:
@@ -236,38 +200,22 @@ def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate
                 raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
-    manifest = {
-        "tool": {"name": "gemma-quant", "version": __version__},
-        "status": "exported",
-        "created": started.isoformat(timespec="seconds"),
-        "recipe_file": str(recipe_path),
-        "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
-        "recipe": recipe.model_dump(mode="json"),
-        "source": {"id": recipe.model.id, "path": str(source.path) if source.path else None,
-                   "revision": recipe.model.revision},
-        "backend": backend.name,
-        "calibration": calibration_set.model_dump() if calibration_set else None,
-        "quantize_report": getattr(backend, "report", None),
-        "versions": library_versions(),
-        "timings_s": timer.seconds,
-        "plan": {"file": PLAN, **plan.counts()},
-        "sizes": {
-            "source_bf16_bytes_estimate": plan.bf16_bytes,
-            "export_weights_bytes_estimate": plan.export_bytes,
-            "export_weights_bytes": folder_bytes(export, "*.safetensors"),
-            "export_bytes": folder_bytes(export),
-        },
-        # What the pipeline wrote: validate judges the export against this record.
-        "export": {"dir": EXPORT, "format": recipe.export, "copied_from_source": copied, "tensor_digests": DIGESTS,
-                   "tensor_digests_sha256": hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest(),
-                   "files": file_checksums(export)},
-        "reload": report.model_dump() if report else None,
-        "modalities": {"kept": recipe.modalities,
-                       "dropped_params": text_only.dropped_towers(load_config(source)) if text_only.wanted(recipe) else {}},
-        "memory": {"file": MEMORY_PLAN, "mode": memory_plan.mode, "host": memory_plan.host,
-                   "gpu": memory_plan.gpu, "needs": memory_plan.needs},
-    }
-    write_json_atomically(candidate / MANIFEST, manifest)
+    Manifest(
+        status="exported", created=started.isoformat(timespec="seconds"), recipe_file=str(recipe_path),
+        recipe_sha256=hashlib.sha256(recipe_path.read_bytes()).hexdigest(), recipe=recipe,
+        source=SourceRecord(id=recipe.model.id, path=str(source.path) if source.path else None,
+                            revision=recipe.model.revision),
+        backend=backend.name, calibration=calibration_set, quantize_report=getattr(backend, "report", None),
+        versions=library_versions(), timings_s=timer.seconds, plan=PlanRecord(**plan.counts()),
+        sizes=Sizes(source_bf16_bytes_estimate=plan.bf16_bytes, export_weights_bytes_estimate=plan.export_bytes,
+                    export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export)),
+        export=ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
+                            tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest()),
+        reload=report,
+        modalities=Modalities(kept=recipe.modalities, dropped_params=text_only.dropped_towers(load_config(source))
+                              if text_only.wanted(recipe) else {}),
+        memory=MemoryRecord(mode=memory_plan.mode, host=memory_plan.host, gpu=memory_plan.gpu, needs=memory_plan.needs),
+    ).save(candidate)
 
 
 def _validate_candidate(candidate: Path, card: bool) -> None:
@@ -282,9 +230,9 @@ def _validate_candidate(candidate: Path, card: bool) -> None:
             validate_run(candidate)
         except ValidationFailed as err:
             failed = err
-    manifest = json.loads((candidate / MANIFEST).read_text())
-    manifest["timings_s"].update(timer.seconds)
-    write_json_atomically(candidate / MANIFEST, manifest)
+    manifest = Manifest.load(candidate)
+    manifest.timings_s.update(timer.seconds)
+    manifest.save(candidate)
     run_dir = candidate.parent
     if card:
         from pipeline.card import write_card

@@ -35,8 +35,8 @@ from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates, Recipe
-from pipeline.run import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MANIFEST, MEMORY_PLAN, PLAN, library_versions,
-                          write_json_atomically)
+from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
+                             ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
 
 KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
@@ -359,15 +359,13 @@ def source_weights_dir(source: Source) -> Path | None:
         return None
 
 
-def record_problems(run_dir: Path, manifest: dict) -> list[str]:
+def record_problems(run_dir: Path, manifest: Manifest) -> list[str]:
     """The export against what the run recorded when it wrote it (the manifest's file list and the tensor
     digests' checksum), not against an earlier validation: every file the pipeline wrote is there and
     unchanged, nothing was added (the card, written after, is the card's own check)."""
     from pipeline.card import CARD
 
-    written = manifest.get("export", {}).get("files")
-    if written is None:
-        return ["the manifest records no export file list: this export was not written by this gemma-quant; re-run quantize"]
+    written = manifest.export.files
     current = file_checksums(run_dir / EXPORT)
     problems = []
     for name in sorted((written.keys() | current.keys()) - {CARD}):
@@ -375,12 +373,12 @@ def record_problems(run_dir: Path, manifest: dict) -> list[str]:
             problems.append(f"{EXPORT}/{name} was written at export but is missing")
         elif name not in written:
             problems.append(f"{EXPORT}/{name} is in the export but the pipeline did not write it")
-        elif current[name]["sha256"] != written[name]["sha256"]:
+        elif current[name]["sha256"] != written[name].sha256:
             problems.append(f"{EXPORT}/{name} changed since export")
     digests = run_dir / DIGESTS
     if not digests.is_file():
         problems.append(f"{DIGESTS} is missing: the export's tensors cannot be checked against what was written")
-    elif hashlib.sha256(digests.read_bytes()).hexdigest() != manifest["export"].get("tensor_digests_sha256"):
+    elif hashlib.sha256(digests.read_bytes()).hexdigest() != manifest.export.tensor_digests_sha256:
         problems.append(f"{DIGESTS} changed since export")
     return problems
 
@@ -407,8 +405,8 @@ def validate_run(run_dir: Path) -> EvalReport:
     Raises ValidationFailed (after writing everything) when a structural check or gate fails."""
     from transformers import AutoTokenizer
 
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    recipe = Recipe.model_validate(manifest["recipe"])
+    manifest = Manifest.load(run_dir)
+    recipe = manifest.recipe
     plan = Plan.load(run_dir / PLAN)
     export = run_dir / EXPORT
     source = resolve(recipe.model)
@@ -467,12 +465,11 @@ def validate_run(run_dir: Path) -> EvalReport:
     )
     write_json_atomically(run_dir / EVAL_JSON, report.model_dump(mode="json") | {"passed": report.passed})
     (run_dir / EVAL_MD).write_text(render_markdown(report))
-    manifest["status"] = "validated" if report.passed else "failed_validation"
-    manifest["validation"] = {
-        "passed": report.passed, "report": EVAL_JSON, "failures": report.failures,
-        "quality": quality.model_dump() if quality else None, "export_files": file_checksums(export),
-    }
-    write_json_atomically(run_dir / MANIFEST, manifest)
+    manifest.status = "validated" if report.passed else "failed_validation"
+    manifest.validation = ValidationRecord(passed=report.passed, failures=report.failures,
+                                           quality=quality.model_dump() if quality else None,
+                                           export_files=file_checksums(export))
+    manifest.save(run_dir)
     if not report.passed:
         raise ValidationFailed("validation failed: " + "; ".join(report.failures))
     return report

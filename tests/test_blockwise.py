@@ -135,18 +135,18 @@ def test_calibrated_export_reloads_and_validates(algorithm, tmp_path):
                     "autoround: {iters: 2, batch_size: 2}\ncalibration: {samples: 2, seq_len: 32}\n"
                     f"output_dir: {tmp_path / 'run'}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 2}}\n")
     manifest = quantize_run(path)
-    assert manifest["status"] == "validated"
-    assert manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
-    assert manifest["calibration"]["samples"] == 2 and not manifest["calibration"]["cached"]
-    errors = manifest["quantize_report"]["block_errors"]
+    assert manifest.status == "validated"
+    assert manifest.reload.vs_in_memory.max_abs_diff == 0.0
+    assert manifest.calibration.samples == 2 and not manifest.calibration.cached
+    errors = manifest.quantize_report["block_errors"]
     assert len(errors) == 10
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     # The same recipe again: calibration tokens come from the run's cache, blocks from checkpoints.
     again = quantize_run(path, validate=False)
-    assert again["calibration"]["cached"] and again["calibration"]["sha256"] == manifest["calibration"]["sha256"]
-    assert again["quantize_report"]["block_errors"] == errors
-    assert manifest["quantize_report"]["resumed_blocks"] == [] and again["quantize_report"]["resumed_blocks"] == list(range(10))
+    assert again.calibration.cached and again.calibration.sha256 == manifest.calibration.sha256
+    assert again.quantize_report["block_errors"] == errors
+    assert manifest.quantize_report["resumed_blocks"] == [] and again.quantize_report["resumed_blocks"] == list(range(10))
     log = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))[-1].read_text()
     assert "block 9: resumed from" in log
 

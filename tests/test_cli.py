@@ -39,3 +39,12 @@ def test_quantize_reports_where_and_how_close(write_recipe, capsys, tmp_path):
     manifest = json.loads((tmp_path / "runs" / "cli-quantize" / "manifest.json").read_text())
     assert manifest["status"] == "validated"
     assert set(manifest["timings_s"]) == {"plan", "load", "quantize", "export", "reload_check", "validate"}
+
+
+def test_a_manifest_this_tool_did_not_write_is_refused_naming_the_file_and_the_field(validated_copy, capsys):
+    manifest = json.loads((validated_copy / "manifest.json").read_text())
+    manifest["sizes"]["export_bytes"] = "large"
+    (validated_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["card", str(validated_copy)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "manifest.json is not a manifest this gemma-quant wrote" in out and "sizes.export_bytes" in out

@@ -82,10 +82,10 @@ def test_packed_export_holds_the_compressed_tensors_integers(run, variant, expor
     # auto-round's kernels compute in their own precision and order (on CPUs without bf16 support
     # they differ the most: KL ~4e-4, a near-tied top-1 flipping); MoE: the reloaded experts run
     # unfused, summing in another order than the fused forward, which moves a few router ties.
-    assert manifest["reload"]["vs_in_memory"]["kl_mean"] < (0.05 if variant == "26b-a4b" else 2e-3)
-    assert manifest["reload"]["vs_in_memory"]["top1_agreement"] >= 0.95
+    assert manifest.reload.vs_in_memory.kl_mean < (0.05 if variant == "26b-a4b" else 2e-3)
+    assert manifest.reload.vs_in_memory.top1_agreement >= 0.95
     # The plan's size estimate for the packed layout holds within 1 %.
-    assert manifest["sizes"]["export_weights_bytes"] == pytest.approx(manifest["sizes"]["export_weights_bytes_estimate"], rel=0.01)
+    assert manifest.sizes.export_weights_bytes == pytest.approx(manifest.sizes.export_weights_bytes_estimate, rel=0.01)
 
 
 def test_gptq_config_names_every_kept_module_and_no_quantized_one(run):
@@ -135,8 +135,8 @@ def test_rtn_through_auto_round_is_auto_rounds_grid(run):
     goes through the same export and reload checks as every backend."""
     manifest, run_dir = run("e2b", "compressed-tensors", library="auto-round")
     _, llmc_dir = run("e2b", "compressed-tensors")
-    assert manifest["backend"] == "auto-round" and manifest["recipe"]["library"] == "auto-round"
-    assert manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0  # compressed-tensors reloads bit-exact
+    assert manifest.backend == "auto-round" and manifest.recipe.library == "auto-round"
+    assert manifest.reload.vs_in_memory.max_abs_diff == 0.0  # compressed-tensors reloads bit-exact
     plan = Plan.load(run_dir / "plan.json")
     stored, llmc = read_tensors(run_dir / "export"), read_tensors(llmc_dir / "export")
     from pipeline.model import ModelSpec, resolve

@@ -51,7 +51,7 @@ def test_fp8_kv_export_has_the_scheme_and_one_scale_pair_per_kv_computing_layer(
     expected = {f"model.language_model.layers.{i}.self_attn.{kv}_scale" for i in range(first_shared) for kv in "kv"}
     assert set(scales) == expected
     assert all(t.numel() == 1 and torch.isfinite(t).all() and (t > 0).all() for t in scales.values())
-    assert manifest["status"] == "validated"
+    assert manifest.status == "validated"
     report = json.loads((run / "eval.json").read_text())
     assert report["passed"] and report["structure"]["problems"] == []
     card = (export / "README.md").read_text()
@@ -90,7 +90,7 @@ def test_fp8_kv_scales_fit_the_models_keys_and_values(fp8_run):
     from pipeline.recipe import Recipe
 
     run, manifest = fp8_run
-    recipe = Recipe.model_validate(manifest["recipe"])
+    recipe = manifest.recipe
     source = resolve(recipe.model)
     tokens, _ = build(recipe.calibration, AutoTokenizer.from_pretrained(source.ref))
     model = load_model(source, load_config(source)).eval()

@@ -147,9 +147,9 @@ def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe, monkeyp
     seq_path = write_recipe("seq", model="tiny:31b", scheme="W4A16", eval=windows)
     all_manifest = quantize_run(all_path, card=False)
     seq_manifest = quantize_run(seq_path, card=False, memory=MemorySpec(max_cpu_memory=between))
-    assert all_manifest["memory"]["mode"] == "all-at-once"
+    assert all_manifest.memory.mode == "all-at-once"
     assert json.loads((all_path.parent / "runs" / "all" / MEMORY_PLAN).read_text())["compute_dtype"] == "bfloat16"
-    assert (seq_manifest["memory"]["mode"], seq_manifest["memory"]["host"]) == ("sequential", "disk-offload")
+    assert (seq_manifest.memory.mode, seq_manifest.memory.host) == ("sequential", "disk-offload")
     seq_run = seq_path.parent / "runs" / "seq"
     assert json.loads((seq_run / MEMORY_PLAN).read_text())["budget_source"]["cpu"] == "cli"
     assert not (seq_run / "offload").exists()  # the disk offload is removed with the run
@@ -158,11 +158,11 @@ def test_sequential_export_is_bit_identical_to_all_at_once(write_recipe, monkeyp
     assert any(k.endswith("weight_packed") for k in reference)
     for key, tensor in reference.items():
         assert tensor.dtype == sequential[key].dtype and torch.equal(tensor, sequential[key]), key
-    assert seq_manifest["reload"]["missing_keys"] == seq_manifest["reload"]["unexpected_keys"] == []
-    assert seq_manifest["reload"]["vs_unquantized"] == all_manifest["reload"]["vs_unquantized"]
+    assert seq_manifest.reload.missing_keys == seq_manifest.reload.unexpected_keys == []
+    assert seq_manifest.reload.vs_unquantized == all_manifest.reload.vs_unquantized
     # the offloaded in-memory model computes what the export holds, as the resident one does
-    assert seq_manifest["reload"]["vs_in_memory"] == all_manifest["reload"]["vs_in_memory"]
-    assert seq_manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
+    assert seq_manifest.reload.vs_in_memory == all_manifest.reload.vs_in_memory
+    assert seq_manifest.reload.vs_in_memory.max_abs_diff == 0.0
     # validation loads its reference within the run's memory plan (disk-offloaded here) and measures the same
     quality = {run: json.loads((all_path.parent / "runs" / run / "eval.json").read_text())["quality"]
                for run in ("all", "seq")}
@@ -182,7 +182,7 @@ PEAK_RSS = textwrap.dedent("""
     budget = int(sys.argv[2]) if len(sys.argv) > 2 else None
     manifest = quantize_run(sys.argv[1], validate=False, card=False, reload_check=False,
                             memory=MemorySpec(max_cpu_memory=budget))
-    print(json.dumps({"mode": manifest["memory"]["mode"],
+    print(json.dumps({"mode": manifest.memory.mode,
                       "peak_rss": peak_rss()}))
 """)
 

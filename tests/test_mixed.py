@@ -165,8 +165,8 @@ def test_mixed_export_reloads_and_stores_the_planned_bits(write_recipe, variant)
     manifest = quantize_run(path)
     run = load_recipe(path).run_dir
     # Reloaded with transformers: every key accounted for, logits equal to the in-memory quantized model's.
-    assert manifest["status"] == "validated"
-    assert manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
+    assert manifest.status == "validated"
+    assert manifest.reload.vs_in_memory.max_abs_diff == 0.0
     plan = Plan.load(run / PLAN)
     assert {s.bits for s in plan.schemes()} == {2, 3, 4, 8}
     config = json.loads((run / "export" / "config.json").read_text())["quantization_config"]
@@ -187,7 +187,7 @@ def test_mixed_export_reloads_and_stores_the_planned_bits(write_recipe, variant)
     expected_bits = sum(m.params * m.bits for m in plan.quantized) / sum(m.params for m in plan.quantized)
     # Measured bits per quantized parameter: the weights' own bits plus scales (and zero points).
     assert expected_bits < eval_report["sizes"]["bits_per_quantized_param"] < expected_bits + 1.2
-    assert abs(manifest["sizes"]["export_weights_bytes"] - plan.export_bytes) / plan.export_bytes < 0.02
+    assert abs(manifest.sizes.export_weights_bytes - plan.export_bytes) / plan.export_bytes < 0.02
     # The model card says what is mixed and what vLLM cannot serve.
     card = (run / "export" / "README.md").read_text()
     assert "quantized to mixed 8/4/3/2-bit integers (W4A16 by default" in card
@@ -206,7 +206,7 @@ def test_calibrated_mixed_export_uses_each_modules_grid(write_recipe, algorithm)
                         overrides=[{"layer_type": "sliding_attention", "bits": 3},
                                    {"layer_type": "full_attention", "submodule": "mlp", "bits": 8, "group_size": None}])
     manifest = quantize_run(path, validate=False, card=False)
-    assert manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
+    assert manifest.reload.vs_in_memory.max_abs_diff == 0.0
     run = load_recipe(path).run_dir
     plan = Plan.load(run / PLAN)
     with safe_open(run / "export" / "model.safetensors", "pt") as f:

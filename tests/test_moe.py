@@ -59,13 +59,13 @@ def test_experts_stored_quantized_router_untouched_and_reloaded(moe_run):
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["passed"] and report["structure"]["problems"] == [] and report["load_problems"] == []
     assert report["structure"]["quantized_stored"] == len(plan.quantized)
-    assert manifest["reload"]["missing_keys"] == [] and manifest["reload"]["unexpected_keys"] == []
-    assert manifest["reload"]["vs_in_memory"]["kl_mean"] < 0.05  # unfused experts sum in another order
+    assert manifest.reload.missing_keys == [] and manifest.reload.unexpected_keys == []
+    assert manifest.reload.vs_in_memory.kl_mean < 0.05  # unfused experts sum in another order
     assert report["quality"]["top1_agreement"] > (0.95 if bits == 8 else 0.5)
-    sizes = manifest["sizes"]
-    assert tensor_data_bytes(run_dir / "export") == sizes["export_weights_bytes_estimate"]  # the plan counts exactly
-    assert sizes["export_weights_bytes"] == pytest.approx(sizes["export_weights_bytes_estimate"], rel=0.04)  # + headers
-    assert sizes["export_weights_bytes"] < 0.6 * sizes["source_bf16_bytes_estimate"]
+    sizes = manifest.sizes
+    assert tensor_data_bytes(run_dir / "export") == sizes.export_weights_bytes_estimate  # the plan counts exactly
+    assert sizes.export_weights_bytes == pytest.approx(sizes.export_weights_bytes_estimate, rel=0.04)  # + headers
+    assert sizes.export_weights_bytes < 0.6 * sizes.source_bf16_bytes_estimate
 
 
 def test_an_export_that_does_not_hold_what_the_plan_says_is_refused(moe_run):

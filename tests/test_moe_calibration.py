@@ -103,9 +103,9 @@ def test_calibrated_moe_export_reloads_with_experts_quantized(tmp_path):
                     "export: gptq\ncalibration: {samples: 4, seq_len: 64}\n"
                     f"output_dir: {tmp_path / 'run'}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 2}}\n")
     manifest = quantize_run(path)
-    assert manifest["status"] == "validated"
-    assert manifest["reload"]["missing_keys"] == [] and manifest["reload"]["unexpected_keys"] == []
-    errors = manifest["quantize_report"]["block_errors"]
+    assert manifest.status == "validated"
+    assert manifest.reload.missing_keys == [] and manifest.reload.unexpected_keys == []
+    errors = manifest.quantize_report["block_errors"]
     assert sum(e["mse"] for e in errors) < sum(e["rtn_mse"] for e in errors)
     stored = read_tensors(tmp_path / "run" / "export")
     experts = [k for k in stored if ".experts." in k and k.endswith(".qweight")]

@@ -82,7 +82,7 @@ def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant, monk
         assert torch.equal(unpack_from_int32(stored[f"{name}.weight_packed"], 4, shape), ints), name
         assert torch.equal(stored[f"{name}.weight_scale"], d), name
 
-    report = manifest["quantize_report"]["qat_repack"]
+    report = manifest.quantize_report["qat_repack"]
     assert report["tensors"] == len(grids) and report["off_grid_groups"] == 0
     assert report["identical_share"] == 1.0 and report["worst_relative_error"] == 0.0
     # q4_0 puts each group's extreme at -8: groups whose extreme is positive need a negative scale.
@@ -93,9 +93,9 @@ def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant, monk
     grid_logits = reloading.logits(AutoModelForImageTextToText.from_pretrained(source, dtype=torch.bfloat16), probe)
     reloaded = reloading.logits(AutoModelForImageTextToText.from_pretrained(export, dtype=torch.bfloat16), probe)
     assert torch.equal(grid_logits, reloaded)
-    assert manifest["reload"]["vs_unquantized"]["max_abs_diff"] == 0.0
+    assert manifest.reload.vs_unquantized.max_abs_diff == 0.0
     if variant == "e2b":
-        assert manifest["validation"]["passed"]
+        assert manifest.validation.passed
         assert json.loads((tmp_path / "run" / "eval.json").read_text())["quality"]["kl_mean"] == 0.0
         card = (export / "README.md").read_text()
         assert "QAT repack (the source's own 4-bit grid, recovered exactly)" in card

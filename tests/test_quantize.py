@@ -58,9 +58,9 @@ def test_export_is_complete_and_stored_as_planned(runs, variant, scheme):
     manifest, run_dir = runs(variant, scheme)
     export = run_dir / "export"
     plan = Plan.load(run_dir / "plan.json")
-    assert manifest["status"] == "exported" and manifest["plan"]["quantized"] == len(plan.quantized)
+    assert manifest.status == "exported" and manifest.plan.quantized == len(plan.quantized)
     assert SIDE_FILES <= {p.name for p in export.iterdir()}
-    assert manifest["export"]["copied_from_source"] == sorted(SIDE_FILES - {"generation_config.json"})
+    assert manifest.export.copied_from_source == sorted(SIDE_FILES - {"generation_config.json"})
 
     qconfig = json.loads((export / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "compressed-tensors"
@@ -91,8 +91,8 @@ def test_export_is_complete_and_stored_as_planned(runs, variant, scheme):
             for key in keys:
                 assert torch.equal(stored[key], source[key]), key
 
-    sizes = manifest["sizes"]
-    assert abs(sizes["export_weights_bytes"] - sizes["export_weights_bytes_estimate"]) / sizes["export_weights_bytes"] < 0.02
+    sizes = manifest.sizes
+    assert abs(sizes.export_weights_bytes - sizes.export_weights_bytes_estimate) / sizes.export_weights_bytes < 0.02
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -111,8 +111,8 @@ def test_reloaded_logits_stay_close(runs, variant):
             run_dir / "export", dtype=dtype, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         got = reloading.compare(reference, reloading.logits(model, probe))
-        assert got.kl_mean == pytest.approx(manifest["reload"]["vs_unquantized"]["kl_mean"], rel=1e-4)
-        assert manifest["reload"]["vs_in_memory"]["max_abs_diff"] == 0.0
+        assert got.kl_mean == pytest.approx(manifest.reload.vs_unquantized.kl_mean, rel=1e-4)
+        assert manifest.reload.vs_in_memory.max_abs_diff == 0.0
         kl[scheme] = got.kl_mean
     assert kl["W8A16"] < 0.1
     assert kl["W8A16"] < kl["W4A16"] < 1.5

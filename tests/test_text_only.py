@@ -51,20 +51,20 @@ def test_text_only_build_reloads_as_a_text_model_with_the_multimodal_logits(tmp_
     towers = {k: v for k, v in full_headers.items() if source_key(k) is None}
     assert {source_key(k) for k in full_headers} - {None} == set(text_headers)
     assert sum(torch.Size(shape).numel() for _, shape in towers.values()) == sum(
-        text_manifest["modalities"]["dropped_params"].values())
+        text_manifest.modalities.dropped_params.values())
     def data_bytes(headers):
         return sum(torch.Size(shape).numel() * _BYTES[dtype] for dtype, shape in headers.values())
 
     tower_bytes = data_bytes(towers)
     assert data_bytes(full_headers) - data_bytes(text_headers) == tower_bytes
     # On disk the files also lose the towers' entries in the safetensors header (names, shapes).
-    saved = full_manifest["sizes"]["export_weights_bytes"] - text_manifest["sizes"]["export_weights_bytes"]
+    saved = full_manifest.sizes.export_weights_bytes - text_manifest.sizes.export_weights_bytes
     assert tower_bytes <= saved < 1.05 * tower_bytes, (saved, tower_bytes)
-    assert set(text_manifest["modalities"]["dropped_params"]) == (
+    assert set(text_manifest.modalities.dropped_params) == (
         {"vision", "audio", "projector"} if variant == "e2b" else {"vision", "projector"})
 
     if variant == "e2b":  # validated: structure checked tensor by tensor against the renamed source
-        assert text_manifest["validation"]["passed"]
+        assert text_manifest.validation.passed
         eval_report = json.loads((text_run / "eval.json").read_text())
         assert eval_report["structure"]["problems"] == [] and eval_report["structure"]["kept_identical"] > 0
         card = (text_export / "README.md").read_text()

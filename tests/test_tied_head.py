@@ -17,7 +17,7 @@ def _export(tmp_path, model: str, scheme: str) -> tuple[dict, Plan, object]:
     return manifest, Plan.load(tmp_path / "run" / "plan.json"), tmp_path / "run" / "export"
 
 
-def _check_stored_once(manifest: dict, plan: Plan, folder) -> None:
+def _check_stored_once(manifest, plan: Plan, folder) -> None:
     from transformers import AutoConfig
 
     head = next(m for m in plan.modules if m.name == "lm_head")
@@ -36,10 +36,10 @@ def _check_stored_once(manifest: dict, plan: Plan, folder) -> None:
 
     # The table counts once in the plan's estimate, and the written weights agree with it to
     # within half a table (a second copy would add a whole one).
-    sizes = manifest["sizes"]
+    sizes = manifest.sizes
     table = embedding.bf16_bytes
     assert head.bf16_bytes == head.export_bytes == 0
-    assert abs(sizes["export_weights_bytes"] - sizes["export_weights_bytes_estimate"]) < 0.5 * table
+    assert abs(sizes.export_weights_bytes - sizes.export_weights_bytes_estimate) < 0.5 * table
 
 
 def test_tiny_e2b_stores_the_tied_head_once(tmp_path):
