@@ -14,7 +14,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.recipe import RecipeError
-from pipeline.rundir import ManifestError
 from pipeline.runlock import RunDirBusy
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -276,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {escape(str(err))}", highlight=False)
         return 2
-    except ManifestError as err:
-        console.print(f"[bold red]run directory error[/] {escape(str(err))}", highlight=False)
-        return 1
     except RunDirBusy as err:
         console.print(f"[bold red]run directory busy[/] {escape(str(err))}", highlight=False)
         return 1
@@ -286,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold red]interrupted[/]; the previous export, card and manifest are left as they were",
                       highlight=False)
         return 130
+    except _manifest_error() as err:  # evaluated only when an error gets here
+        console.print(f"[bold red]run directory error[/] {escape(str(err))}", highlight=False)
+        return 1
+
+
+def _manifest_error() -> type[Exception]:
+    """Imported on the error path only: pipeline.rundir loads torch (through the stages' records), which
+    `gemma-quant --help` and a recipe error need not wait for."""
+    from pipeline.rundir import ManifestError
+
+    return ManifestError
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pipeline.memory import MemoryPlan, load_within
 from pipeline.model import Source, load_config, model_class, resolve
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
-from pipeline.recipe import EvalSpec, Gates, Recipe
+from pipeline.recipe import EvalSpec, Gates
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock

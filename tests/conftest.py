@@ -28,11 +28,13 @@ def torch_global_state():
     must not inherit another's thread count, default dtype, grad mode or deterministic mode."""
     import torch
 
-    before = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
-              torch.are_deterministic_algorithms_enabled())
+    def state():
+        return (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
+                torch.are_deterministic_algorithms_enabled())
+
+    before = state()
     yield
-    after = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
-             torch.are_deterministic_algorithms_enabled())
+    after = state()
     torch.set_num_threads(before[0])
     torch.set_default_dtype(before[1])
     torch.set_grad_enabled(before[2])
