@@ -114,7 +114,7 @@ def cmd_validate(args) -> int:
     try:
         validate_run(args.run_dir)
     except ValidationFailed as err:
-        _refresh_card(args.run_dir)
+        _refresh_card(args.run_dir, export_broken=True)
         show_eval(args.run_dir)
         console.print(f"[bold red]{err}[/]")
         return 1
@@ -123,12 +123,22 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _refresh_card(run_dir: Path) -> None:
-    """A card that quotes the previous validation would no longer tell the truth."""
+def _refresh_card(run_dir: Path, export_broken: bool = False) -> None:
+    """A card that quotes the previous validation would no longer tell the truth: it is rewritten, or,
+    when the failed export cannot even describe itself (config.json unreadable), removed."""
     from pipeline.card import CARD, write_card
 
-    if (run_dir / "export" / CARD).is_file():
+    card = run_dir / "export" / CARD
+    if not card.is_file():
+        return
+    try:
         write_card(run_dir)
+    except (OSError, ValueError) as err:
+        if not export_broken:
+            raise
+        card.unlink()
+        console.print(f"{card} removed: the card cannot be rewritten from this export "
+                      f"({type(err).__name__}: {str(err)[:200]})", markup=False)
 
 
 def _run_dir_arg(ref: str) -> Path:

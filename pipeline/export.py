@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed
+from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed, scheme_problems
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
 from pipeline.quantize import Backend
@@ -78,6 +78,25 @@ def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
     return problems
 
 
+def written_quantization_config(folder: Path) -> tuple[dict | None, list[str]]:
+    """The export's quantization_config, or None and why it cannot be read."""
+    try:
+        qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, [f"{folder.name}/config.json has no readable quantization_config ({type(err).__name__}: {str(err)[:200]})"]
+    if not isinstance(qconfig, dict):
+        return None, [f"{folder.name}/config.json: quantization_config is not an object"]
+    return qconfig, []
+
+
+def config_problems(qconfig: dict, plan: Plan, export_format: str) -> list[str]:
+    """The written quantization_config against the plan: it keeps what the plan keeps, and gives every
+    quantized module the plan's scheme for it."""
+    kept = (ignore_problems(qconfig.get("ignore", []), plan) if export_format == COMPRESSED_TENSORS
+            else kept_problems({"quantization_config": qconfig}, plan, FORMATS[export_format]))
+    return kept + scheme_problems(qconfig, plan, FORMATS[export_format])
+
+
 def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TENSORS) -> None:
     """The export has weights and a quantization_config that keeps exactly what the plan keeps and,
     for compressed-tensors, names every module the written weights store 16-bit (no packed one)."""
@@ -92,16 +111,40 @@ def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TEN
         # e.g. experts or towers written in BF16 that the plan counted packed, or the reverse
         raise ExportIncomplete(f"the weights written ({written / 1e6:.2f} MB) differ from the plan's estimate "
                                f"({estimate / 1e6:.2f} MB) by more than {SIZE_TOLERANCE:.0%}: the export does not hold what the plan says")
-    problems = (ignore_problems(qconfig.get("ignore", []), plan) if export_format == COMPRESSED_TENSORS
-                else kept_problems(config, plan, FORMATS[export_format]))
-    if problems:
-        raise ExportIncomplete(f"quantization_config does not keep what the plan keeps ({len(problems)} problems): "
+    if problems := config_problems(qconfig, plan, export_format):
+        raise ExportIncomplete(f"quantization_config does not say what the plan says ({len(problems)} problems): "
                                + "; ".join(problems[:5]))
     from pipeline.index_check import index_ignore_problems
 
     if export_format == COMPRESSED_TENSORS and (problems := index_ignore_problems(folder, qconfig.get("ignore", []))):
         raise ExportIncomplete(f"quantization_config.ignore does not match the written weights "
                                f"({len(problems)} problems): " + "; ".join(problems[:5]))
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def sidecar_problems(export: Path, source_files: list[Path]) -> list[str]:
+    """The tokenizer, chat template, processor and generation config the export ships are the source's:
+    each file byte for byte, except generation_config.json, which save_pretrained may write itself and is
+    compared by its settings."""
+    problems = []
+    for path in source_files:
+        shipped = export / path.name
+        if not shipped.is_file():
+            problems.append(f"export/{path.name} is missing: the source ships it")
+        elif shipped.read_bytes() != path.read_bytes() and not (
+                path.name == GENERATION_CONFIG and _generation_settings(shipped) == _generation_settings(path)):
+            problems.append(f"export/{path.name} differs from the source's {path.name}")
+    return problems
+
+
+def _generation_settings(path: Path) -> dict | None:
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in settings.items() if k != "transformers_version"} if isinstance(settings, dict) else None
 
 
 def replace_atomically(staging: Path, final: Path) -> None:

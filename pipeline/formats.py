@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.recipe import Recipe
 
@@ -178,6 +179,57 @@ def kept_problems(config: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
         problems += [f"{name} is quantized but extra_config keeps it" for name in quantized if name in extra]
         return problems
     raise ValueError(f"no packed layout for {fmt.name}")
+
+
+def written_scheme(qconfig: dict, fmt: ExportFormat, name: str) -> WeightScheme | None:
+    """The weight scheme a loader reads from the written `quantization_config` for module `name` (None:
+    kept unquantized), with the matching rules of the loaders of each format: compressed-tensors'
+    config-group targets (class `Linear`, a name, or `re:` by its own matcher), GPTQ's `dynamic` rules
+    (vLLM: `re.match`, the first matching rule wins), auto-round's `extra_config` by name.
+    Raises KeyError, TypeError or ValueError on a config that does not say."""
+    from compressed_tensors.utils.match import match_name
+
+    if fmt.name == COMPRESSED_TENSORS:
+        groups = [g for g in qconfig.get("config_groups", {}).values()
+                  if any(t == "Linear" or match_name(name, t) for t in g.get("targets", []))]
+        if not groups or not groups[0].get("weights"):
+            return None
+        weights = groups[0]["weights"]
+        fields = {"bits": weights["num_bits"], "sym": weights["symmetric"],
+                  "group_size": weights.get("group_size") if weights.get("strategy") == "group" else None}
+    else:
+        fields = {"bits": qconfig["bits"], "group_size": qconfig["group_size"], "sym": qconfig["sym"]}
+        if fmt.name == "gptq":
+            rule = next((key for key in qconfig.get("dynamic", {}) if re.match(key[2:], name)), None)
+            if rule is not None and rule.startswith("-:"):
+                return None
+            fields |= qconfig["dynamic"][rule] if rule else {}
+        else:
+            fields |= qconfig.get("extra_config", {}).get(name, {})
+        if fields["bits"] == 16:
+            return None
+    group_size = fields["group_size"]
+    return WeightScheme(bits=fields["bits"], group_size=None if group_size == -1 else group_size,
+                        symmetric=fields["sym"])
+
+
+def scheme_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
+    """Every quantized module's scheme as the written config gives it against the plan's for that module:
+    a config that says another group size or bit width makes every loader read the integers wrongly."""
+    problems = []
+    for module in plan.quantized:
+        planned = module.scheme
+        try:
+            written = written_scheme(qconfig, fmt, module.name)
+        except (KeyError, TypeError, ValueError) as err:
+            problems.append(f"{module.name}: quantization_config's scheme for it cannot be read "
+                            f"({type(err).__name__}: {str(err)[:200]})")
+            continue
+        if written is None:
+            problems.append(f"{module.name} is planned {planned.label} but quantization_config gives it no scheme")
+        elif written != planned:
+            problems.append(f"{module.name} is planned {planned.label} but quantization_config says {written.label}")
+    return problems
 
 
 def unfuse_experts(model) -> None:

@@ -144,19 +144,27 @@ def status_problems(manifest: Manifest, run_dir: Path) -> list[str]:
 def completeness_problems(export: Path) -> list[str]:
     """What users need to load and serve the folder: config with quantization_config, every weight
     file, tokenizer, and the card."""
+    from pipeline.export import written_quantization_config
+
     if not export.is_dir():
         return [f"there is no export folder ({export})"]
     names = {p.name for p in export.iterdir() if p.is_file()}
     problems = []
     if "config.json" not in names:
         problems.append("config.json is missing")
-    elif "quantization_config" not in json.loads((export / "config.json").read_text()):
-        problems.append("config.json has no quantization_config: this is not a quantized export")
+    elif (unreadable := written_quantization_config(export)[1]):
+        problems += unreadable
     if not any(n.endswith(".safetensors") for n in names):
         problems.append("there are no *.safetensors weights")
     index = export / "model.safetensors.index.json"
-    if index.is_file() and (missing := sorted(set(json.loads(index.read_text())["weight_map"].values()) - names)):
-        problems.append(f"weight files listed in the index are missing: {', '.join(missing)}")
+    if index.is_file():
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            listed = set()
+            problems.append(f"{index.name} cannot be read ({type(err).__name__}: {str(err)[:200]})")
+        if missing := sorted(listed - names):
+            problems.append(f"weight files listed in the index are missing: {', '.join(missing)}")
     if not names & set(TOKENIZER_FILES):
         problems.append(f"there is no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     if "tokenizer_config.json" not in names:

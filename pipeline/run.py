@@ -27,8 +27,8 @@ from pipeline.model import Source, build_meta_model, load_config, model_class, s
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
                              resolve_recipe_path)
-from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, REJECTED, RUN_FILES,
-                             ExportRecord, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
+from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
+                             RUN_FILES, ExportRecord, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
                              library_versions, write_json_atomically)
 from pipeline.runlock import run_lock
 
@@ -246,31 +246,55 @@ def _validate_candidate(candidate: Path, card: bool) -> None:
 
 
 def clear_interrupted(run_dir: Path) -> None:
-    """What a killed run left in `run_dir` (its candidate, validation's logit scratch, a half swap), removed
-    or, for a half-swapped export, restored; each named in the log."""
+    """What a killed run left in `run_dir`: a promotion cut short is finished (its candidate was validated
+    and carded), a half-swapped export restored, its candidate and validation's logit scratch removed;
+    each named in the log."""
     from pipeline.export import restore_interrupted_swap
 
+    if (run_dir / PROMOTING).is_file():
+        log.info("finishing the promotion of %s, cut short by an interrupted run",
+                 json.loads((run_dir / PROMOTING).read_text())["candidate"])
+        finish_promotion(run_dir)
     for folder in (run_dir / EXPORT, run_dir / REJECTED):
         if restore_interrupted_swap(folder):
             log.info("restored %s, set aside by an interrupted run", folder)
-    patterns = (f"{CANDIDATE}*", ".eval-*", ".*-old-*", f".{EXPORT}-staging-*")
+    patterns = (f"{CANDIDATE}*", ".eval-*", ".*-old-*", f".{EXPORT}-staging-*", ".*.tmp")
     for stale in sorted(p for pattern in patterns for p in run_dir.glob(pattern)):
         log.info("removing %s, left by an interrupted run", stale.name)
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def promote(candidate: Path, run_dir: Path) -> None:
     """The finished candidate into place: export/ swapped by renames, then the run's files, the manifest
-    last; a file of the previous run that this one did not write (eval.json of a run not validated) goes."""
+    last; a file of the previous run that this one did not write (eval.json of a run not validated) goes.
+    The moves are written down first, so a run killed among them is finished by the next one instead of
+    leaving a new export beside the previous manifest."""
+    moves = [name for name in (EXPORT, *RUN_FILES, MANIFEST) if (candidate / name).exists()]
+    write_json_atomically(run_dir / PROMOTING, {"candidate": candidate.name, "moves": moves})
+    finish_promotion(run_dir)
+
+
+def finish_promotion(run_dir: Path) -> None:
+    """Every move of the promotion written down in PROMOTING that is not done yet (each one is a rename,
+    done once: what the candidate no longer holds was moved)."""
     from pipeline.export import replace_atomically
 
-    replace_atomically(candidate / EXPORT, run_dir / EXPORT)
-    for name in RUN_FILES:
-        if (candidate / name).is_file():
-            os.replace(candidate / name, run_dir / name)
+    promoting = json.loads((run_dir / PROMOTING).read_text())
+    candidate, moves = run_dir / promoting["candidate"], promoting["moves"]
+    for name in moves:
+        if not (candidate / name).exists():
+            continue
+        if name == EXPORT:
+            replace_atomically(candidate / EXPORT, run_dir / EXPORT)
         else:
+            os.replace(candidate / name, run_dir / name)
+    for name in RUN_FILES:
+        if name not in moves:
             (run_dir / name).unlink(missing_ok=True)
-    os.replace(candidate / MANIFEST, run_dir / MANIFEST)
+    (run_dir / PROMOTING).unlink()
 
 
 @contextmanager

@@ -39,6 +39,7 @@ OFFLOAD = "offload"  # disk-offloaded weights of a sequential run, removed when 
 REJECTED = "rejected"  # the last candidate that failed validation, kept for inspection
 CANDIDATE = ".candidate-"  # prefix of the folder a run builds in
 RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD)  # a run's files beside export/ and the manifest
+PROMOTING = ".promoting.json"  # a promotion under way: the candidate and the files it moves
 
 Status = Literal["exported", "validated", "failed_validation"]
 

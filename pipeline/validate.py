@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from pipeline import text_only
 from pipeline.compute import torch_dtype
 from pipeline.corpus import load_texts, token_windows
-from pipeline.export import file_checksums, ignore_problems, tensor_digest
-from pipeline.formats import (COMPRESSED_TENSORS, ExportFormat, expert_slice, export_format, fused_source,
-                              kept_problems)
+from pipeline.export import (config_problems, file_checksums, sidecar_problems, tensor_digest,
+                             written_quantization_config)
+from pipeline.formats import ExportFormat, expert_slice, export_format, fused_source
 from pipeline.memory import MemoryPlan, load_within
-from pipeline.model import Source, load_config, model_class, resolve
+from pipeline.model import Source, load_config, model_class, resolve, sidecar_files
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import EvalSpec, Gates
@@ -225,12 +225,12 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat, config_problems: list[str],
+def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat,
                     digests: dict[str, str] | None = None,
                     source_rename: Callable[[str], str | None] | None = None, kv_scales: bool = False) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
-    module is stored packed (not as a 16-bit weight); nothing else appears; the config keeps what the
-    plan keeps (`config_problems`); no tensor changed since export (when its digests are known)."""
+    module is stored packed (not as a 16-bit weight); nothing else appears; no tensor changed since
+    export (when its digests are known)."""
     src, out = _Tensors(source_dir, source_rename), _Tensors(export)
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
@@ -287,7 +287,6 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
         attentions = {k.removesuffix(".k_proj.weight") for k in src.files if k.endswith(".k_proj.weight")}
         problems += [f"{where(a)}: {a}.{leaf} is missing from the export"
                      for a in sorted(attentions) for leaf in KV_SCALES if f"{a}.{leaf}" not in out.files]
-    problems += config_problems
     return Structure(tensors_checked=len(src.files), kept_identical=identical,
                      quantized_stored=stored_packed, problems=problems)
 
@@ -399,6 +398,15 @@ def unreadable_tensor_files(export: Path) -> list[str]:
             if (why := why_unreadable(path))]
 
 
+def read_digests(run_dir: Path) -> dict[str, str] | None:
+    """The export-time tensor digests; None when missing or unreadable (record_problems says which)."""
+    try:
+        digests = json.loads((run_dir / DIGESTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return digests if isinstance(digests, dict) else None
+
+
 @holds_run_lock
 def validate_run(run_dir: Path) -> EvalReport:
     """Validate `run_dir/export`; write eval.json, eval.md and the manifest's verdict.
@@ -415,7 +423,10 @@ def validate_run(run_dir: Path) -> EvalReport:
         config = text_only.text_only_config(config)
     cls = model_class(config)
     fmt = export_format(recipe.export)
-    qconfig = json.loads((export / "config.json").read_text())["quantization_config"]
+    qconfig, qconfig_wrong = written_quantization_config(export)
+    if qconfig is not None:
+        qconfig_wrong = config_problems(qconfig, plan, recipe.export)
+    sidecars_wrong = sidecar_problems(export, text_only.export_sidecars(recipe, sidecar_files(source)))
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
     spec = recipe.eval
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
@@ -438,6 +449,9 @@ def validate_run(run_dir: Path) -> EvalReport:
     try:
         if unreadable:
             raise LoadProblems("; ".join(unreadable))
+        if qconfig_wrong:
+            raise LoadProblems("not loaded: the export's quantization_config does not say what the plan says, "
+                               "so a loader would read its integers wrongly (see the structure problems)")
         quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt, dtype), windows, scratch,
                                               tokenizer, spec.prompts, spec.max_new_tokens)
     except LoadProblems as err:
@@ -445,16 +459,14 @@ def validate_run(run_dir: Path) -> EvalReport:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     weights_dir = source_weights_dir(source)
-    config_problems = (ignore_problems(qconfig.get("ignore", []), plan) if recipe.export == COMPRESSED_TENSORS
-                       else kept_problems({"quantization_config": qconfig}, plan, fmt))
-    digests = json.loads((run_dir / DIGESTS).read_text()) if (run_dir / DIGESTS).is_file() else None
+    digests = read_digests(run_dir)
     rename = text_only.source_key if text_only.wanted(recipe) else None
-    structure = (check_structure(export, weights_dir, plan, fmt, config_problems, digests, rename,
-                                  kv_scales=qconfig.get("kv_cache_scheme") is not None)
+    structure = (check_structure(export, weights_dir, plan, fmt, digests, rename,
+                                  kv_scales=(qconfig or {}).get("kv_cache_scheme") is not None)
                  if weights_dir and not unreadable else
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=[] if unreadable else ["the source's weights are not available locally to compare with"]))
-    structure.problems = recorded + structure.problems
+    structure.problems = recorded + qconfig_wrong + sidecars_wrong + structure.problems
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,

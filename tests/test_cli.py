@@ -30,6 +30,17 @@ def test_recipe_error_exits_2_with_the_message(write_recipe, capsys):
     assert "recipe error" in out and "group_size: got 100" in out.replace("\n", " ")
 
 
+def test_a_skip_entry_that_matches_nothing_is_refused_with_the_nearest_names(write_recipe, capsys, tmp_path):
+    """A typo under skip: would quantize what the recipe meant to keep: plan refuses it, before any write."""
+    path = write_recipe("cli-skip", model="tiny:e2b", scheme="W4A16",
+                        skip=["model.language_model.layers.0.mlp.gate_prj", "re:.*layers[.]0[.]mlp[.].*"])
+    assert main(["plan", str(path)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skip.0: 'model.language_model.layers.0.mlp.gate_prj' matches no Linear layer of tiny:e2b" in out
+    assert "nearest names: model.language_model.layers.0.mlp.gate_proj" in out and "skip.1" not in out
+    assert not (tmp_path / "runs" / "cli-skip").exists()
+
+
 def test_quantize_reports_where_and_how_close(write_recipe, capsys, tmp_path):
     path = write_recipe("cli-quantize", model="tiny:31b", scheme="W8A16")
     assert main(["quantize", str(path)]) == 0

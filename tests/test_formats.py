@@ -12,7 +12,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
 from conftest import read_tensors
-from pipeline.formats import FORMATS, kept_problems
+from pipeline.formats import FORMATS, kept_problems, scheme_problems
 from pipeline.plan import Plan
 from pipeline.recipe import RecipeError, parse_recipe
 from pipeline.run import quantize_run
@@ -105,6 +105,33 @@ def test_gptq_config_names_every_kept_module_and_no_quantized_one(run):
                for p in kept_problems(narrowed, plan, FORMATS["gptq"]))
     widened = {**config, "quantization_config": {**qconfig, "dynamic": {**qconfig["dynamic"], "-:.*self_attn.*": {}}}}
     assert any("q_proj is quantized but the `dynamic` rule" in p for p in kept_problems(widened, plan, FORMATS["gptq"]))
+
+
+def test_packed_configs_give_each_module_the_plan_s_scheme_as_their_loaders_read_it(run):
+    """GPTQ's `dynamic` rules (vLLM's first-match `re.match`) and auto-round's `extra_config` can give one
+    module another scheme than the top level: each is read as its loader reads it and held to the plan."""
+    for export in ("gptq", "auto-round"):
+        _, run_dir = run("e2b", export)
+        plan = Plan.load(run_dir / "plan.json")
+        qconfig = json.loads((run_dir / "export" / "config.json").read_text())["quantization_config"]
+        assert scheme_problems(qconfig, plan, FORMATS[export]) == []
+        first = plan.quantized[0].name
+        problems = scheme_problems({**qconfig, "group_size": 128}, plan, FORMATS[export])
+        assert len(problems) == len(plan.quantized)
+        assert f"{first} is planned int4 g64 but quantization_config says int4 g128" in problems
+    gptq = json.loads((run("e2b", "gptq")[1] / "export" / "config.json").read_text())["quantization_config"]
+    one_at_8 = {**gptq, "dynamic": {f"+:{first.replace('.', '[.]')}$": {"bits": 8}, **gptq["dynamic"]}}
+    assert scheme_problems(one_at_8, plan, FORMATS["gptq"]) == [
+        f"{first} is planned int4 g64 but quantization_config says int8 g64"]
+    skipped = {**gptq, "dynamic": {f"-:{first.replace('.', '[.]')}$": {}, **gptq["dynamic"]}}
+    assert scheme_problems(skipped, plan, FORMATS["gptq"]) == [
+        f"{first} is planned int4 g64 but quantization_config gives it no scheme"]
+    auto_round = json.loads((run_dir / "export" / "config.json").read_text())["quantization_config"]
+    kept_at_16 = {**auto_round, "extra_config": {**auto_round["extra_config"], first: {"bits": 16}}}
+    assert scheme_problems(kept_at_16, plan, FORMATS["auto-round"]) == [
+        f"{first} is planned int4 g64 but quantization_config gives it no scheme"]
+    unreadable = {k: v for k, v in auto_round.items() if k != "sym"}
+    assert all("cannot be read (KeyError" in p for p in scheme_problems(unreadable, plan, FORMATS["auto-round"]))
 
 
 def test_gptq_card_says_how_to_load_it(run):

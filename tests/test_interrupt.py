@@ -124,3 +124,54 @@ def test_a_run_that_fails_validation_keeps_the_previous_export(good_run, tmp_pat
     assert "**Validation: failed.**" in (rejected / "export" / "README.md").read_text()
     assert '"status": "failed_validation"' in (rejected / "manifest.json").read_text()
     assert _left_behind(run_dir) == []
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def _run_dir_with_candidate(root: Path) -> tuple[Path, Path]:
+    run_dir, candidate = root / "run", root / "run" / ".candidate-new"
+    for folder, tag in ((run_dir, "old"), (candidate, "new")):
+        (folder / "export").mkdir(parents=True)
+        (folder / "export" / "model.safetensors").write_text(tag)
+        for name in ("plan.json", "export_digests.json", "manifest.json"):
+            (folder / name).write_text(tag)
+    (run_dir / "eval.json").write_text("old")  # the new run was not validated: its promotion removes it
+    return run_dir, candidate
+
+
+@pytest.mark.parametrize("cut_at", range(1, 6))
+def test_a_promotion_cut_short_at_any_rename_is_finished_by_the_next_run(tmp_path, monkeypatch, cut_at):
+    """Between the export's swap and the manifest's, a killed run would leave a new export beside the
+    previous manifest: the next run finishes the promotion written down before the first rename."""
+    import pipeline.export as export
+    import pipeline.run as run
+
+    run_dir, candidate = _run_dir_with_candidate(tmp_path)
+    real, calls = os.replace, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == cut_at:
+            raise _Killed
+        real(src, dst)
+
+    renames = [export.Path.rename]
+
+    def path_rename(self, target):
+        calls.append(target)
+        if len(calls) == cut_at:
+            raise _Killed
+        return renames[0](self, target)
+
+    monkeypatch.setattr(run.os, "replace", rename)
+    monkeypatch.setattr(export.Path, "rename", path_rename)
+    with pytest.raises(_Killed):
+        run.promote(candidate, run_dir)
+    monkeypatch.undo()
+    run.clear_interrupted(run_dir)
+    files = {str(p.relative_to(run_dir)): p.read_text() for p in run_dir.rglob("*") if p.is_file()}
+    new = {"export/model.safetensors": "new", "plan.json": "new", "export_digests.json": "new", "manifest.json": "new"}
+    # Cut 1 is the write of the promotion's own record: nothing moved yet, the previous run stays whole.
+    assert files == ({**dict.fromkeys(new, "old"), "eval.json": "old"} if cut_at == 1 else new)
