@@ -88,18 +88,38 @@ def _json_edit(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-def _flip_packed(run: Path, update_digests: bool) -> None:
+def _edit_weights(run: Path, edit) -> dict:
+    """`edit` the export's tensors in place (model.safetensors rewritten); returns them."""
     from safetensors.torch import load_file, save_file
-
-    from pipeline.export import tensor_digest
 
     path = run / "export" / "model.safetensors"
     tensors = load_file(path)
-    key = next(k for k in sorted(tensors) if k.endswith("weight_packed"))
-    tensors[key] = tensors[key] ^ 1
+    edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
+    return tensors
+
+
+def _flip_packed(run: Path, update_digests: bool) -> None:
+    from pipeline.export import tensor_digest
+
+    flipped = []
+
+    def flip(tensors: dict) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("weight_packed"))
+        tensors[key] = tensors[key] ^ 1
+        flipped.append(key)
+
+    tensors = _edit_weights(run, flip)
     if update_digests:
-        _json_edit(run / "export_digests.json", lambda d: d.__setitem__(key, tensor_digest(tensors[key])))
+        _json_edit(run / "export_digests.json", lambda d: d.__setitem__(flipped[0], tensor_digest(tensors[flipped[0]])))
+
+
+def _scale_embedding(run: Path) -> None:
+    def scale(tensors: dict) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("embed_tokens.weight"))
+        tensors[key] = tensors[key] * 1.01
+
+    _edit_weights(run, scale)
 
 
 def _qconfig(edit):
@@ -129,18 +149,8 @@ TAMPERS = {
     "config.json not JSON": lambda run: (run / "export" / "config.json").write_text("{"),
     "plan.json of another scheme": lambda run: _json_edit(
         run / "plan.json", lambda p: [m.update(bits=8, group_size=None) for m in p["modules"] if m["quantize"]]),
-    "BF16 tensor of a kept module changed": lambda run: _edit_kept(run),
+    "BF16 tensor of a kept module changed": _scale_embedding,
 }
-
-
-def _edit_kept(run: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    path = run / "export" / "model.safetensors"
-    tensors = load_file(path)
-    key = next(k for k in sorted(tensors) if k.endswith("embed_tokens.weight"))
-    tensors[key] = tensors[key] * 1.01
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def tamper_trials(work: Path) -> list[tuple[bool, bool]]:

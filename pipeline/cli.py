@@ -114,7 +114,7 @@ def cmd_validate(args) -> int:
     try:
         validate_run(args.run_dir)
     except ValidationFailed as err:
-        _refresh_card(args.run_dir, export_broken=True)
+        _refresh_card(args.run_dir, after_failure=True)
         show_eval(args.run_dir)
         console.print(f"[bold red]{err}[/]")
         return 1
@@ -123,9 +123,9 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _refresh_card(run_dir: Path, export_broken: bool = False) -> None:
+def _refresh_card(run_dir: Path, after_failure: bool = False) -> None:
     """A card that quotes the previous validation would no longer tell the truth: it is rewritten, or,
-    when the failed export cannot even describe itself (config.json unreadable), removed."""
+    after a failed validation of an export that cannot even describe itself (config.json unreadable), removed."""
     from pipeline.card import CARD, write_card
 
     card = run_dir / "export" / CARD
@@ -134,7 +134,7 @@ def _refresh_card(run_dir: Path, export_broken: bool = False) -> None:
     try:
         write_card(run_dir)
     except (OSError, ValueError) as err:
-        if not export_broken:
+        if not after_failure:
             raise
         card.unlink()
         console.print(f"{card} removed: the card cannot be rewritten from this export "

@@ -93,7 +93,7 @@ def config_problems(qconfig: dict, plan: Plan, export_format: str) -> list[str]:
     """The written quantization_config against the plan: it keeps what the plan keeps, and gives every
     quantized module the plan's scheme for it."""
     kept = (ignore_problems(qconfig.get("ignore", []), plan) if export_format == COMPRESSED_TENSORS
-            else kept_problems({"quantization_config": qconfig}, plan, FORMATS[export_format]))
+            else kept_problems(qconfig, plan, FORMATS[export_format]))
     return kept + scheme_problems(qconfig, plan, FORMATS[export_format])
 
 
@@ -102,10 +102,10 @@ def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TEN
     for compressed-tensors, names every module the written weights store 16-bit (no packed one)."""
     if not any(folder.glob(WEIGHT_GLOB)):
         raise ExportIncomplete(f"{folder}: no safetensors weights were written")
-    config = json.loads((folder / "config.json").read_text())
-    qconfig = config.get("quantization_config")
-    if not qconfig:
-        raise ExportIncomplete(f"{folder}/config.json has no quantization_config")
+    qconfig, unreadable = written_quantization_config(folder)
+    if unreadable or not qconfig:
+        raise ExportIncomplete(f"{folder.parent}/{unreadable[0]}" if unreadable
+                               else f"{folder}/config.json has an empty quantization_config")
     written, estimate = tensor_data_bytes(folder), plan.export_bytes
     if abs(written / estimate - 1) > SIZE_TOLERANCE:
         # e.g. experts or towers written in BF16 that the plan counted packed, or the reverse
@@ -132,10 +132,10 @@ def sidecar_problems(export: Path, source_files: list[Path]) -> list[str]:
     for path in source_files:
         shipped = export / path.name
         if not shipped.is_file():
-            problems.append(f"export/{path.name} is missing: the source ships it")
+            problems.append(f"{export.name}/{path.name} is missing: the source ships it")
         elif shipped.read_bytes() != path.read_bytes() and not (
                 path.name == GENERATION_CONFIG and _generation_settings(shipped) == _generation_settings(path)):
-            problems.append(f"export/{path.name} differs from the source's {path.name}")
+            problems.append(f"{export.name}/{path.name} differs from the source's {path.name}")
     return problems
 
 

@@ -161,9 +161,8 @@ def _prefix_free_patterns(names: list[str]) -> list[str]:
     return sorted(set(patterns))
 
 
-def kept_problems(config: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
-    """The written config must keep every module the plan keeps and no quantized one."""
-    qconfig = config.get("quantization_config", {})
+def kept_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
+    """The written quantization_config must keep every module the plan keeps and no quantized one."""
     quantized = [m.name for m in plan.quantized]
     if fmt.name == "gptq":
         rules = [k[2:] for k in qconfig.get("dynamic", {}) if k.startswith("-:")]

@@ -91,19 +91,18 @@ def test_packed_export_holds_the_compressed_tensors_integers(run, variant, expor
 def test_gptq_config_names_every_kept_module_and_no_quantized_one(run):
     _, run_dir = run("e2b", "gptq")
     plan = Plan.load(run_dir / "plan.json")
-    config = json.loads((run_dir / "export" / "config.json").read_text())
-    qconfig = config["quantization_config"]
+    qconfig = json.loads((run_dir / "export" / "config.json").read_text())["quantization_config"]
     assert (qconfig["quant_method"], qconfig["bits"], qconfig["group_size"], qconfig["desc_act"], qconfig["sym"]) == \
         ("gptq", 4, 64, False, True)
     rules = [k[2:] for k in qconfig["dynamic"]]
     assert any("vision_tower" in r for r in rules) and any("audio_tower" in r for r in rules)
-    assert kept_problems(config, plan, FORMATS["gptq"]) == []
+    assert kept_problems(qconfig, plan, FORMATS["gptq"]) == []
     # A rule dropped: the PLE projection it kept is named; a rule too wide: the quantized module it catches.
     ple = next(k for k in qconfig["dynamic"] if "per_layer_projection" in k)
-    narrowed = {**config, "quantization_config": {**qconfig, "dynamic": {k: v for k, v in qconfig["dynamic"].items() if k != ple}}}
+    narrowed = {**qconfig, "dynamic": {k: v for k, v in qconfig["dynamic"].items() if k != ple}}
     assert any("per_layer_projection is kept in BF16 but no negative `dynamic` rule matches it" in p
                for p in kept_problems(narrowed, plan, FORMATS["gptq"]))
-    widened = {**config, "quantization_config": {**qconfig, "dynamic": {**qconfig["dynamic"], "-:.*self_attn.*": {}}}}
+    widened = {**qconfig, "dynamic": {**qconfig["dynamic"], "-:.*self_attn.*": {}}}
     assert any("q_proj is quantized but the `dynamic` rule" in p for p in kept_problems(widened, plan, FORMATS["gptq"]))
 
 
