@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel
 
-from pipeline.plan import WHY_KEPT, Plan
+from pipeline.plan import Kept, Plan
 from pipeline.recipe import RECIPES_DIR, Recipe
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.runlock import holds_run_lock
@@ -31,9 +31,6 @@ CARD = "README.md"
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 TEMPLATE = "README.md.j2"
 
-ALGORITHMS = {"rtn": "RTN (round-to-nearest)", "autoround": "AutoRound", "gptq": "GPTQ",
-              "qat-repack": "QAT repack (the source's own 4-bit grid, recovered exactly)"}
-CALIBRATION = {"rtn": "none (RTN is data-free)", "qat-repack": "none (the integers and scales come from the source's grid)"}
 # How each export format is described and loaded.
 FORMATS = {
     "compressed-tensors": {
@@ -62,14 +59,12 @@ def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
     """What the calibrated pass saw, from the manifest; and the algorithm's settings."""
     data = manifest.calibration
     if not data:
-        return CALIBRATION.get(recipe.algorithm, "none recorded in the manifest")
+        return recipe.algorithm_spec.data_note or "none recorded in the manifest"
     sources = ", ".join(f"{name} ({count})" for name, count in data.per_source.items())
     if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
         return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}), "
                 f"for the FP8 KV-cache scales only; the weights are round-to-nearest")
-    settings = (f"{recipe.autoround.iters} iterations, batch {recipe.autoround.batch_size}"
-                if recipe.algorithm == "autoround" else
-                f"block {recipe.gptq.block_size}, dampening {recipe.gptq.dampening}, actorder {recipe.gptq.actorder}")
+    settings = recipe.algorithm_options.describe()
     return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}); "
             f"{settings}; every decoder block calibrated on its own PLE slice, rotary embedding and same-batch shared K/V")
 # vLLM and SGLang reserve KV cache for the whole context length; the configs allow 128K-256K, which
@@ -190,7 +185,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
     recipe_yaml, verbatim = recipe_text(manifest)
     kept = kept_groups(plan)
     facts = CardFacts(
-        title=f"{source.name}: {recipe.scheme} ({ALGORITHMS[recipe.algorithm].split(' (')[0]}, {recipe.export})",
+        title=f"{source.name}: {recipe.scheme} ({recipe.algorithm_spec.label.split(' (')[0]}, {recipe.export})",
         source=source, arch=arch, recipe=recipe,
         quant_format=config.get("quantization_config", {}).get("format", recipe.export),
         calibration=calibration_text(manifest, recipe),
@@ -253,16 +248,15 @@ def architecture(config: dict, plan: Plan) -> Architecture:
 
 def kept_groups(plan: Plan) -> list[KeptGroup]:
     """What stays BF16, grouped by why (the plan's reason label), largest first."""
-    groups: dict[str, dict] = defaultdict(lambda: {"modules": 0, "params": 0, "tied": False})
+    groups: dict[Kept, dict] = defaultdict(lambda: {"modules": 0, "params": 0, "tied": False})
     for m in plan.modules:
         if m.quantize:
             continue
-        label = m.reason.split(":")[0].split(" (")[0]
-        group = groups[label]
+        group = groups[m.kept_because]
         group["modules"] += 1
         group["params"] += 0 if m.tied_to else m.params
         group["tied"] |= m.tied_to is not None
-    return sorted((KeptGroup(label=label, why=WHY_KEPT.get(label, ""), **g) for label, g in groups.items()),
+    return sorted((KeptGroup(label=kept, why=kept.why, **g) for kept, g in groups.items()),
                   key=lambda g: -g.params)
 
 
@@ -418,8 +412,7 @@ def _environment():
 
 def render_card(run_dir: Path, repo_id: str | None = None, export_at: Path | None = None) -> ModelCard:
     facts = gather(run_dir, repo_id, export_at)
-    body = _environment().get_template(TEMPLATE).render(f=facts, algorithms=ALGORITHMS,
-                                                                 fmt=FORMATS[facts.recipe.export])
+    body = _environment().get_template(TEMPLATE).render(f=facts, fmt=FORMATS[facts.recipe.export])
     return ModelCard(f"---\n{metadata(facts).to_yaml()}\n---\n\n{body}")
 
 

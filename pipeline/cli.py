@@ -32,11 +32,9 @@ def show_plan(plan) -> None:
         table.add_row(row["component"], row["layer_type"], row["submodule"], str(row["count"]), f"{row['params']:,}",
                       fate, _gb(row["bf16_bytes"]), _gb(row["export_bytes"]), row["reason"])
     console.print(table)
-    from pipeline.plan import WHY_KEPT
-
-    labels = {row["reason"].split(":")[0].split(" (")[0] for row in plan.summary() if row["reason"]}
-    for label in sorted(labels & WHY_KEPT.keys()):
-        console.print(f"  [dim]{label}: {WHY_KEPT[label]}[/]")
+    for kept in sorted({row["kept_because"] for row in plan.summary() if row["kept_because"]}):
+        if kept.why:
+            console.print(f"  [dim]{kept}: {kept.why}[/]")
     counts = plan.counts()
     console.print(f"linear layers: {counts['linear']} ({counts['quantized']} quantized, {counts['kept']} kept); "
                   f"parameters: {plan.total_params:,}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import struct
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.names import matches
 from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed, scheme_problems
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
@@ -72,9 +72,8 @@ def ignore_problems(ignore: list[str], plan: Plan) -> list[str]:
                 for name in plan.ignore if name not in ignore]
     quantized = {m.name for m in plan.quantized}
     for entry in ignore:
-        hit = [n for n in quantized if re.fullmatch(entry[3:], n)] if entry.startswith("re:") else \
-            [n for n in quantized if n == entry]
-        problems += [f"{n} is quantized but quantization_config.ignore lists it ({entry})" for n in hit]
+        problems += [f"{n} is quantized but quantization_config.ignore lists it ({entry})"
+                     for n in quantized if matches(n, entry)]
     return problems
 
 

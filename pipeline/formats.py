@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.names import first_dynamic_rule, matches
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.recipe import Recipe
@@ -165,11 +166,11 @@ def kept_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
     """The written quantization_config must keep every module the plan keeps and no quantized one."""
     quantized = [m.name for m in plan.quantized]
     if fmt.name == "gptq":
-        rules = [k[2:] for k in qconfig.get("dynamic", {}) if k.startswith("-:")]
+        dynamic = list(qconfig.get("dynamic", {}))
         problems = [f"{name} is kept in BF16 but no negative `dynamic` rule matches it"
-                    for name in kept_names(plan) if not any(re.match(r, name) for r in rules)]
-        problems += [f"{name} is quantized but the `dynamic` rule {r!r} skips it"
-                     for name in quantized for r in rules if re.match(r, name)]
+                    for name in kept_names(plan) if not (first_dynamic_rule(name, dynamic) or "").startswith("-:")]
+        problems += [f"{name} is quantized but the `dynamic` rule {rule[2:]!r} skips it" for name in quantized
+                     if (rule := first_dynamic_rule(name, dynamic)) and rule.startswith("-:")]
         return problems
     if fmt.name == "auto-round":
         extra = qconfig.get("extra_config", {})
@@ -184,13 +185,11 @@ def written_scheme(qconfig: dict, fmt: ExportFormat, name: str) -> WeightScheme 
     """The weight scheme a loader reads from the written `quantization_config` for module `name` (None:
     kept unquantized), with the matching rules of the loaders of each format: compressed-tensors'
     config-group targets (class `Linear`, a name, or `re:` by its own matcher), GPTQ's `dynamic` rules
-    (vLLM: `re.match`, the first matching rule wins), auto-round's `extra_config` by name.
+    (the first matching rule wins), auto-round's `extra_config` by name (pipeline/names.py).
     Raises KeyError, TypeError or ValueError on a config that does not say."""
-    from compressed_tensors.utils.match import match_name
-
     if fmt.name == COMPRESSED_TENSORS:
         groups = [g for g in qconfig.get("config_groups", {}).values()
-                  if any(t == "Linear" or match_name(name, t) for t in g.get("targets", []))]
+                  if any(t == "Linear" or matches(name, t) for t in g.get("targets", []))]
         if not groups or not groups[0].get("weights"):
             return None
         weights = groups[0]["weights"]
@@ -199,7 +198,7 @@ def written_scheme(qconfig: dict, fmt: ExportFormat, name: str) -> WeightScheme 
     else:
         fields = {"bits": qconfig["bits"], "group_size": qconfig["group_size"], "sym": qconfig["sym"]}
         if fmt.name == "gptq":
-            rule = next((key for key in qconfig.get("dynamic", {}) if re.match(key[2:], name)), None)
+            rule = first_dynamic_rule(name, qconfig.get("dynamic", {}))
             if rule is not None and rule.startswith("-:"):
                 return None
             fields |= qconfig["dynamic"][rule] if rule else {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.names import first_match
+
 PACKED = "weight_packed"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
@@ -45,10 +47,8 @@ def linear_like_modules(folder: Path) -> set[str]:
 
 
 def covered_by(name: str, ignore: list[str]) -> str | None:
-    """The ignore entry that names `name` (exact, or `re:` pattern as compressed-tensors/vLLM match it)."""
-    from compressed_tensors.utils.match import match_name
-
-    return next((entry for entry in ignore if match_name(name, entry)), None)
+    """The ignore entry that names `name`, as compressed-tensors and vLLM read it."""
+    return first_match(name, ignore)
 
 
 def index_ignore_problems(folder: Path, ignore: list[str]) -> list[str]:

@@ -40,8 +40,7 @@ def disk_offload_supported(recipe: Recipe) -> bool:
     auto-round's RTN and the block driver set `module.weight.data`, which an offloaded module drops,
     the packed exports (gptq, auto-round, MoE experts) read every weight in memory, and text-only
     builds load through their own key mapping."""
-    return (recipe.backend == "llmcompressor" and recipe.export == "compressed-tensors"
-            and recipe.modalities == "all")
+    return recipe.quant_pass.disk_offload and recipe.export == "compressed-tensors" and recipe.modalities == "all"
 
 
 class MemoryBudgetError(RecipeError):
@@ -161,17 +160,15 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
 
 def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
     """What the calibrated algorithm holds while it solves one block, beyond the block's weights and
-    activations, for the heaviest block: GPTQ one float32 Hessian [in, in] per quantized module (for
-    MoE, one per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B); SignRound the
-    block's quantized modules in float32 (+1x their BF16 bytes) and a float32 rounding offset per
-    weight with its gradient (+4x)."""
-    if recipe.algorithm not in ("gptq", "autoround"):
+    activations, for the heaviest block (each algorithm's `solver_bytes`, pipeline/algorithms.py; for
+    MoE GPTQ one Hessian per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B)."""
+    solver_bytes = recipe.algorithm_spec.solver_bytes
+    if solver_bytes is None:
         return 0
     per_layer: dict[int, int] = {}
     for m in plan.quantized:
         if m.layer is not None:
-            need = m.shape[1] ** 2 * 4 if recipe.algorithm == "gptq" else 5 * m.bf16_bytes
-            per_layer[m.layer] = per_layer.get(m.layer, 0) + need
+            per_layer[m.layer] = per_layer.get(m.layer, 0) + solver_bytes(m.shape, m.bf16_bytes)
     return max(per_layer.values(), default=0)
 
 
@@ -224,13 +221,13 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
             f"{human(needs['all_at_once_host'])}, sequential (one decoder layer resident, the rest offloaded to disk) "
             f"needs {human(needs['sequential_host'])}"
             + ("" if offload else f", but only RTN through llmcompressor exported as compressed-tensors runs "
-                                  f"disk-offloaded (this recipe: {recipe.algorithm} on {recipe.backend}, "
+                                  f"disk-offloaded (this recipe: {recipe.algorithm} on {recipe.runs_on}, "
                                   f"export {recipe.export})")
             + f"; a budget of at least {human(fits)} would fit")
 
     gpu = "none"
     if on_gpu:
-        if needs["all_at_once_gpu"] <= sum(gpu_budgets) and recipe.backend == "blockwise":
+        if needs["all_at_once_gpu"] <= sum(gpu_budgets) and recipe.quant_pass.spreads_over_gpus:
             gpu = "whole-model"  # spread over the GPUs by accelerate's device map
         elif needs["sequential_gpu"] <= max(gpu_budgets):
             gpu = "per-layer"  # llmcompressor's RTN always onloads module by module to the GPU

@@ -12,39 +12,56 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, model_validator
 
+from pipeline.names import first_match, matches
 from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
 from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, shown
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
                     "moe_router", "moe_experts", "other"]
 
-# Why each component stays in BF16: a short label (the plan's `reason`) and the longer why.
-KEEP_REASONS: dict[str, str] = {
-    "vision": "vision tower",
-    "audio": "audio tower",
-    "projector": "multimodal projector",
-    "ple": "Per-Layer-Embedding",
-    "lm_head": "lm_head",
-    "embedding": "embedding table",
-    "moe_router": "MoE router",
-    "moe_experts": "fused MoE experts",
-    "other": "norms and scalars",
+class Kept(StrEnum):
+    """Why a module stays in BF16: the short label tables and cards group by."""
+
+    VISION = "vision tower"
+    AUDIO = "audio tower"
+    PROJECTOR = "multimodal projector"
+    PLE = "Per-Layer-Embedding"
+    LM_HEAD = "lm_head"
+    EMBEDDING = "embedding table"
+    ROUTER = "MoE router"
+    EXPERTS = "fused MoE experts"
+    OTHER = "norms and scalars"
+    SHAPE = "shape"
+    RECIPE = "recipe"
+
+    @property
+    def why(self) -> str:
+        return WHY_KEPT[self]
+
+
+# Why each component stays in BF16 unless the recipe's overrides say otherwise.
+COMPONENT_KEPT: dict[str, Kept] = {
+    "vision": Kept.VISION, "audio": Kept.AUDIO, "projector": Kept.PROJECTOR, "ple": Kept.PLE,
+    "lm_head": Kept.LM_HEAD, "embedding": Kept.EMBEDDING, "moe_router": Kept.ROUTER,
+    "moe_experts": Kept.EXPERTS, "other": Kept.OTHER,
 }
-WHY_KEPT: dict[str, str] = {
-    "vision tower": "small and quality-sensitive; vLLM serves it unquantized",
-    "audio tower": "small and quality-sensitive; vLLM serves it unquantized",
-    "multimodal projector": "maps tower outputs into the text embedding space",
-    "Per-Layer-Embedding": "the PLE path sits beside the decoder's linears, not in them",
-    "lm_head": "tied to embed_tokens; every generated token reads it",
-    "embedding table": "not a Linear layer",
-    "MoE router": "routing decisions are precision-sensitive",
-    "fused MoE experts": "kept unless the recipe sets `quantize_experts: true` (auto-round or GPTQ exports)",
-    "shape": "the scheme cannot take this input width (group size or 32-bit packing)",
-    "recipe": "listed under skip: in the recipe",
+WHY_KEPT: dict[Kept, str] = {
+    Kept.VISION: "small and quality-sensitive; vLLM serves it unquantized",
+    Kept.AUDIO: "small and quality-sensitive; vLLM serves it unquantized",
+    Kept.PROJECTOR: "maps tower outputs into the text embedding space",
+    Kept.PLE: "the PLE path sits beside the decoder's linears, not in them",
+    Kept.LM_HEAD: "tied to embed_tokens; every generated token reads it",
+    Kept.EMBEDDING: "not a Linear layer",
+    Kept.ROUTER: "routing decisions are precision-sensitive",
+    Kept.EXPERTS: "kept unless the recipe sets `quantize_experts: true` (auto-round or GPTQ exports)",
+    Kept.OTHER: "",
+    Kept.SHAPE: "the scheme cannot take this input width (group size or 32-bit packing)",
+    Kept.RECIPE: "listed under skip: in the recipe",
 }
 
 _COMPONENT_RULES: list[tuple[str, str]] = [
@@ -63,7 +80,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:language_model\.|model\.)layers\.(\d+)\."
 
 class ModuleFate(BaseModel):
     name: str
-    component: str
+    component: Component
     kind: Literal["linear", "embedding", "experts"]
     shape: list[int]
     params: int
@@ -71,7 +88,8 @@ class ModuleFate(BaseModel):
     layer_type: str | None = None
     submodule: str
     quantize: bool
-    reason: str = ""
+    kept_because: Kept | None = None  # None for quantized modules
+    reason: str = ""  # the label and its detail, as the plan table shows it
     tied_to: str | None = None  # shares its weight with another module (stored once)
     bf16_bytes: int
     export_bytes: int
@@ -185,7 +203,8 @@ class Plan(BaseModel):
         for m in self.modules:
             decoder = m.component == "text_decoder"
             fate = m.scheme.label if m.quantize else "keep"
-            key = (m.component, (m.layer_type or "-") if decoder else "-", m.submodule if decoder else "*", fate, m.reason)
+            key = (m.component, (m.layer_type or "-") if decoder else "-", m.submodule if decoder else "*", fate, m.reason,
+                   m.kept_because)
             row = rows[key]
             row["count"] += 1
             row["params"] += 0 if m.tied_to else m.params
@@ -193,8 +212,8 @@ class Plan(BaseModel):
             row["export_bytes"] += m.export_bytes
         return [
             {"component": c, "layer_type": t, "submodule": s, "fate": "keep" if f == "keep" else "quantize",
-             "scheme": "" if f == "keep" else f, "reason": r, **v}
-            for (c, t, s, f, r), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "text_decoder", kv[0]))
+             "scheme": "" if f == "keep" else f, "reason": r, "kept_because": k, **v}
+            for (c, t, s, f, r, k), v in sorted(rows.items(), key=lambda kv: (kv[0][0] != "text_decoder", kv[0][:5]))
         ]
 
     def counts(self) -> dict[str, int]:
@@ -233,13 +252,6 @@ def quantized_bytes(out_features: int, in_features: int, bits: int, group_size: 
     return packed + scales + zero_points + 2 * 8
 
 
-def _skip_match(name: str, patterns: list[str]) -> str | None:
-    for pattern in patterns:
-        if pattern.startswith("re:") and re.fullmatch(pattern[3:], name) or pattern == name:
-            return pattern
-    return None
-
-
 def _check_skip(recipe: Recipe, fates: list[ModuleFate], source: str | Path) -> None:
     """Every `skip:` entry names at least one Linear layer of this model; a typo would otherwise quantize
     what the recipe meant to keep."""
@@ -248,32 +260,34 @@ def _check_skip(recipe: Recipe, fates: list[ModuleFate], source: str | Path) -> 
     names = [m.name for m in fates if m.kind == "linear"]
     problems = []
     for index, pattern in enumerate(recipe.skip):
-        if any(_skip_match(name, [pattern]) for name in names):
+        if any(matches(name, pattern) for name in names):
             continue
         nearest = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.0)
         problems.append((f"skip.{index}", f"{shown(pattern)} matches no Linear layer of {recipe.model.id}"
                          + (f"; nearest names: {', '.join(nearest)}" if nearest else "")
-                         + "; allowed: a module name, or re:<regex> matching whole names"))
+                         + "; allowed: a module name, or re:<regex> matched from the start of the name "
+                         "(as compressed-tensors and vLLM read ignore entries)"))
     RecipeError.collect(source, problems)
 
 
 def _linear_fate(name: str, component: str, shape: list[int], recipe: Recipe,
-                 resolution: Resolution | None) -> tuple[bool, str]:
-    if (pattern := _skip_match(name, recipe.skip)) is not None:
-        return False, f"recipe: skip {pattern}"
+                 resolution: Resolution | None) -> tuple[Kept | None, str]:
+    """Why a Linear is kept (None: it is quantized) and the detail the plan table shows."""
+    if (pattern := first_match(name, recipe.skip)) is not None:
+        return Kept.RECIPE, f"skip {pattern}"
     if resolution is not None and resolution.skipped_by is not None:
-        return False, f"recipe: overrides.{resolution.skipped_by} skip"
+        return Kept.RECIPE, f"overrides.{resolution.skipped_by} skip"
     if component not in ("text_decoder", "moe_experts") and not (resolution and resolution.rules):
-        return False, KEEP_REASONS[component]
+        return COMPONENT_KEPT[component], ""
     scheme = resolution.scheme if resolution else default_scheme(recipe)
     in_features = shape[1]
     if scheme.group_size and in_features % scheme.group_size:
-        return False, f"shape: in {in_features} % group {scheme.group_size} != 0"
+        return Kept.SHAPE, f"in {in_features} % group {scheme.group_size} != 0"
     if (in_features * scheme.bits) % 32:
-        return False, f"shape: in {in_features} x {scheme.bits} bits % 32 != 0"
+        return Kept.SHAPE, f"in {in_features} x {scheme.bits} bits % 32 != 0"
     if recipe.export != "compressed-tensors" and (shape[0] * scheme.bits) % 32:  # GPTQ packs zeros along out
-        return False, f"shape: out {shape[0]} x {scheme.bits} bits % 32 != 0"
-    return True, ""
+        return Kept.SHAPE, f"out {shape[0]} x {scheme.bits} bits % 32 != 0"
+    return None, ""
 
 
 def _per_expert_fates(name: str, experts, layer_types: list[str]) -> list[ModuleFate]:
@@ -338,8 +352,10 @@ def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe
     resolved = resolve(recipe, fates, config.get_text_config().num_hidden_layers, source)
     for m in fates:
         resolution = resolved.get(m.name)
-        m.quantize, m.reason = _linear_fate(m.name, m.component, m.shape, recipe, resolution) \
-            if m.kind == "linear" else (False, KEEP_REASONS[m.component])
+        kept, detail = _linear_fate(m.name, m.component, m.shape, recipe, resolution) \
+            if m.kind == "linear" else (COMPONENT_KEPT[m.component], "")
+        m.quantize, m.kept_because = kept is None, kept
+        m.reason = f"{kept}: {detail}" if detail else str(kept or "")
         if m.tied_to:
             m.reason = f"{m.reason} (tied, stored once)"
         if m.quantize:

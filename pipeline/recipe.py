@@ -17,6 +17,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
                       model_validator)
 
+from pipeline.algorithms import ALGORITHMS, Algorithm, AlgorithmName, AutoRoundOptions, GPTQOptions, Library, Pass
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 Scheme = Literal["W4A16", "W8A16"]
@@ -33,13 +35,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 PLE = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
 SUBMODULE_GROUPS = {"attention": ATTENTION, "mlp": MLP, "ple": PLE}
 SUBMODULES = (*ATTENTION, *MLP, *PLE)
-# The backend (pipeline/quantize/) that runs each algorithm by default.
-ALGORITHM_BACKENDS = {"rtn": "llmcompressor", "autoround": "blockwise", "gptq": "blockwise", "qat-repack": "qat-repack"}
-# The library each algorithm can run on (the first is the default). AutoRound's SignRound and GPTQ's
-# solver run inside our block driver; RTN runs as either library's own pass.
-ALGORITHM_LIBRARIES = {"rtn": ("llmcompressor", "auto-round"), "autoround": ("auto-round",), "gptq": ("llmcompressor",),
-                       "qat-repack": ()}
-CALIBRATED_ALGORITHMS = ("autoround", "gptq")
 QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
 
 
@@ -192,21 +187,6 @@ class CalibrationSpec(_Strict):
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=8)
     seed: int = 0
-
-
-class AutoRoundOptions(_Strict):
-    """auto-round's SignRound: learnable rounding offsets and min/max scale factors per block."""
-
-    iters: int = Field(default=200, ge=1)
-    lr: float | None = Field(default=None, gt=0)  # None: 1 / iters, as auto-round does
-    batch_size: int = Field(default=8, ge=1)
-    minmax_tuning: bool = True
-
-
-class GPTQOptions(_Strict):
-    block_size: int = Field(default=128, ge=1)
-    dampening: float = Field(default=0.01, gt=0)
-    actorder: Literal["static", "group", "weight"] | None = None
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -376,8 +356,8 @@ class Recipe(_Strict):
     description: str = ""
     model: ModelSpec
     scheme: Scheme
-    algorithm: Literal["rtn", "autoround", "gptq", "qat-repack"] = "rtn"
-    library: Literal["llmcompressor", "auto-round"] | None = None  # None: the algorithm's default library
+    algorithm: AlgorithmName = "rtn"
+    library: Library | None = None  # None: the algorithm's default library
     # None means one scale per output channel; W8A16 defaults to that, W4A16 to 128.
     group_size: int | None = None
     symmetric: bool = True
@@ -459,34 +439,44 @@ class Recipe(_Strict):
         if self.quantize_experts and self.export == "compressed-tensors":
             raise _KeyError("quantize_experts", "quantized MoE experts need export: auto-round or gptq; transformers "
                             "5.17 loads compressed-tensors' per-expert layout with the experts silently random")
-        if self.library and self.library not in ALGORITHM_LIBRARIES[self.algorithm]:
-            runs_on = " or ".join(ALGORITHM_LIBRARIES[self.algorithm]) or "no library (it only repacks)"
-            raise _KeyError("library", f"{self.algorithm} runs on {runs_on}, not {self.library}")
-        if self.algorithm not in ALGORITHM_BACKENDS:
-            raise _KeyError("algorithm", f"{self.algorithm!r} is not available in this version; "
-                            f"available: {', '.join(ALGORITHM_BACKENDS)}")
+        if self.library and self.library not in self.algorithm_spec.libraries:
+            raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(self.algorithm_spec.libraries)}, "
+                            f"not {self.library}")
         if self.kv_cache and self.export != "compressed-tensors":
             raise _KeyError("kv_cache", "FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
                             "--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")
-        if self.kv_cache and self.backend != "llmcompressor":
-            raise _KeyError("kv_cache", f"FP8 KV-cache scales are calibrated by the RTN pass only in this version; "
-                            f"use algorithm: rtn with kv_cache: fp8, or drop kv_cache for {self.algorithm}")
+        if self.kv_cache and not self.quant_pass.kv_cache_scales:
+            raise _KeyError("kv_cache", f"FP8 KV-cache scales are calibrated by llmcompressor's RTN pass only; "
+                            f"use algorithm: rtn on llmcompressor (its default library) with kv_cache: fp8, or drop "
+                            f"kv_cache for {self.algorithm} on {self.runs_on}")
         return self
 
     @property
     def calibrated(self) -> bool:
         """Whether the quantize pass needs calibration data: tuned weights, or KV-cache scales."""
-        return self.algorithm in CALIBRATED_ALGORITHMS or self.kv_cache is not None
+        return self.algorithm_spec.calibrated or self.kv_cache is not None
 
     @property
     def bits(self) -> int:
         return SCHEME_BITS[self.scheme]
 
     @property
-    def backend(self) -> str:
-        if self.algorithm == "rtn" and self.library == "auto-round":
-            return "auto-round"
-        return ALGORITHM_BACKENDS[self.algorithm]
+    def algorithm_spec(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def runs_on(self) -> str:
+        """The library the algorithm runs on: the recipe's `library:`, else the algorithm's default."""
+        return self.library or self.algorithm_spec.libraries[0]
+
+    @property
+    def quant_pass(self) -> Pass:
+        return self.algorithm_spec.passes[self.runs_on]
+
+    @property
+    def algorithm_options(self) -> AutoRoundOptions | GPTQOptions | None:
+        key = self.algorithm_spec.options_key
+        return getattr(self, key) if key else None
 
     @property
     def run_dir(self) -> Path:

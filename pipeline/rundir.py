@@ -142,7 +142,8 @@ class Manifest(_Record):
     recipe_sha256: str
     recipe: Recipe
     source: SourceRecord
-    backend: str
+    algorithm: str
+    library: str  # what the algorithm ran on (pipeline/algorithms.py)
     calibration: CalibrationSet | None
     quantize_report: dict | None
     versions: dict[str, str]

@@ -109,7 +109,7 @@ def test_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeyp
 
     recipe, plan, model, tokens = _setup("31b", "gptq")
     calls = []
-    original = blockwise.ALGORITHMS["gptq"]
+    original = blockwise.BLOCK_SOLVERS["gptq"]
 
     def interrupted(layer, targets, index, *args):
         calls.append(index)
@@ -117,7 +117,7 @@ def test_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(layer, targets, index, *args)
 
-    monkeypatch.setitem(blockwise.ALGORITHMS, "gptq", interrupted)
+    monkeypatch.setitem(blockwise.BLOCK_SOLVERS, "gptq", interrupted)
     with pytest.raises(KeyboardInterrupt):
         blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path / "resumed", "sha")
     recipe, plan, model, tokens = _setup("31b", "gptq")

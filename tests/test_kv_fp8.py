@@ -11,8 +11,10 @@ from pipeline.recipe import RecipeError, load_recipe
 
 def test_kv_cache_is_rejected_with_the_blockwise_algorithms(write_recipe):
     path = write_recipe(model="tiny:e2b", scheme="W4A16", algorithm="gptq", kv_cache="fp8")
-    with pytest.raises(RecipeError, match=r"kv_cache: FP8 KV-cache scales are calibrated by the RTN pass only"):
+    with pytest.raises(RecipeError, match=r"kv_cache: FP8 KV-cache scales are calibrated by llmcompressor's RTN pass only"):
         load_recipe(path)
+    with pytest.raises(RecipeError, match=r"rtn on llmcompressor \(its default library\) with kv_cache: fp8, or drop kv_cache for rtn on auto-round"):
+        load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", library="auto-round", kv_cache="fp8"))
     with pytest.raises(RecipeError, match=r"kv_cache: got 'int8'; allowed: 'fp8'"):
         load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", kv_cache="int8"))
     recipe = load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", kv_cache="fp8"))
@@ -87,7 +89,6 @@ def test_fp8_kv_scales_fit_the_models_keys_and_values(fp8_run):
 
     from pipeline.calibration import build
     from pipeline.model import load_config, load_model, resolve
-    from pipeline.recipe import Recipe
 
     run, manifest = fp8_run
     recipe = manifest.recipe

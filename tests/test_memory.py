@@ -96,14 +96,14 @@ def test_solver_state_is_what_gptq_allocates_for_its_heaviest_block(write_recipe
         allocated[block[0]] = allocated.get(block[0], 0) + hessian.numel() * hessian.element_size()
         return hessian
 
-    solve = blockwise.ALGORITHMS["gptq"]
+    solve = blockwise.BLOCK_SOLVERS["gptq"]
 
     def solve_counted(layer, targets, index, *args):
         block[0] = index
         return solve(layer, targets, index, *args)
 
     monkeypatch.setattr(helpers, "make_empty_hessian", counted)
-    monkeypatch.setitem(blockwise.ALGORITHMS, "gptq", solve_counted)
+    monkeypatch.setitem(blockwise.BLOCK_SOLVERS, "gptq", solve_counted)
     recipe = load_recipe(path)
     source = resolve(recipe.model)
     config = load_config(source)

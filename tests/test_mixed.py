@@ -195,13 +195,16 @@ def test_mixed_export_reloads_and_stores_the_planned_bits(write_recipe, variant)
     assert "int2/int3 weights: vLLM's kernels serve int4 and int8 only" in card
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "autoround"])
-def test_calibrated_mixed_export_uses_each_modules_grid(write_recipe, algorithm):
-    """The block driver quantizes each module on its own grid: the stored integers of a 3-bit module
-    span at most 8 levels, of a 8-bit per-channel module more than 16, and the export reloads exactly."""
+@pytest.mark.parametrize(("algorithm", "library"), [("gptq", None), ("autoround", None), ("rtn", "auto-round")])
+def test_each_pass_quantizes_each_module_on_its_planned_grid(write_recipe, algorithm, library):
+    """Every pass reads each module's scheme from the plan, not the recipe's: the stored integers of a
+    3-bit module span at most 8 levels, of a 8-bit per-channel module more than 16, and the export
+    reloads exactly. (auto-round's RTN once took the recipe's 4 bits for every module.)"""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    path = write_recipe(f"mixed-{algorithm}", model="tiny:e2b", scheme="W4A16", group_size=64, algorithm=algorithm,
+    more = {"library": library} if library else {}
+    path = write_recipe(f"mixed-{algorithm}-{library or 'default'}", model="tiny:e2b", scheme="W4A16", group_size=64,
+                        algorithm=algorithm, **more,
                         autoround={"iters": 2, "batch_size": 2}, calibration={"samples": 2, "seq_len": 32},
                         overrides=[{"layer_type": "sliding_attention", "bits": 3},
                                    {"layer_type": "full_attention", "submodule": "mlp", "bits": 8, "group_size": None}])

@@ -128,6 +128,6 @@ def test_fit_reports_bf16_rounding_apart_from_off_grid_values():
 
 def test_qat_repack_recipe_defaults_to_gemma_qat_groups_and_needs_no_data():
     recipe = parse_recipe({"name": "r", "model": "tiny:e2b", "scheme": "W4A16", "algorithm": "qat-repack"})
-    assert recipe.group_size == GROUP and not recipe.calibrated and recipe.backend == "qat-repack"
+    assert recipe.group_size == GROUP and not recipe.calibrated and recipe.runs_on == "gemma-quant"
     assert parse_recipe({"name": "r", "model": "tiny:e2b", "scheme": "W4A16", "algorithm": "qat-repack",
                          "group_size": 64}).group_size == 64

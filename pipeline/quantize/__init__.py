@@ -24,7 +24,7 @@ class CalibrationData:
 
 
 class Backend(Protocol):
-    name: str
+    report: dict  # what the pass measured (block errors, grid fits), for the manifest
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None: ...
 
@@ -34,24 +34,12 @@ class Backend(Protocol):
 
 
 def get_backend(recipe: Recipe, tokenizer=None, memory=None) -> Backend:
-    """`memory` (pipeline.memory.MemoryPlan) tells the block driver whether to onload layer by layer."""
-    if recipe.backend == "llmcompressor":
-        from pipeline.quantize.llmcompressor_backend import LLMCompressorBackend
+    """The recipe's pass (pipeline/algorithms.py), built with what any backend may need: the tokenizer
+    (auto-round wants one) and the memory plan (pipeline.memory.MemoryPlan: where the block driver runs)."""
+    from importlib import import_module
 
-        return LLMCompressorBackend()
-    if recipe.backend == "auto-round":
-        from pipeline.quantize.autoround_backend import AutoRoundRTNBackend
-
-        return AutoRoundRTNBackend(tokenizer)
-    if recipe.backend == "blockwise":
-        from pipeline.quantize.blockwise_backend import BlockwiseBackend
-
-        return BlockwiseBackend(recipe.algorithm, memory)
-    if recipe.backend == "qat-repack":
-        from pipeline.quantize.qat_repack import QATRepackBackend
-
-        return QATRepackBackend()
-    raise ValueError(f"no backend {recipe.backend!r}")
+    module, _, cls = recipe.quant_pass.backend.partition(":")
+    return getattr(import_module(module), cls)(recipe=recipe, tokenizer=tokenizer, memory=memory)
 
 
 class PlanMismatch(RuntimeError):

@@ -64,28 +64,34 @@ def autoround_grid(module, dtype: torch.dtype) -> QuantizedWeight:
 
 
 class AutoRoundRTNBackend:
-    name = "auto-round"
-
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer=None, **_):
         self.tokenizer = tokenizer  # AutoRound wants one for text-only models, though RTN reads no text
+        self.report: dict = {}
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
         from auto_round import AutoRound
 
-        kept = {m.name: {"bits": 16} for m in plan.modules if m.kind == "linear" and not m.quantize}
+        # Every module's scheme from the plan (overrides included); the constructor's bits are only
+        # auto-round's default for modules the layer config does not name, and it names them all.
+        layers = {m.name: {"bits": 16} for m in plan.modules if m.kind == "linear" and not m.quantize}
+        layers |= {m.name: {"bits": m.bits, "group_size": m.group_size or -1, "sym": m.symmetric}
+                   for m in plan.quantized}
+        default = plan.default_scheme
         # auto-round moves the model to float32 on CPUs without bf16: every tensor goes back to its dtype
         # after (buffers such as the rotary frequencies stay float32), new ones (unfused experts) to `dtype`.
         dtype = next(model.parameters()).dtype
         dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
         with _work_space():
-            rounder = AutoRound(model, tokenizer=self.tokenizer, bits=recipe.bits, group_size=recipe.group_size or -1,
-                                sym=recipe.symmetric, iters=0, disable_opt_rtn=True, layer_config=kept)
+            rounder = AutoRound(model, tokenizer=self.tokenizer, bits=default.bits, group_size=default.group_size or -1,
+                                sym=default.symmetric, iters=0, disable_opt_rtn=True, layer_config=layers)
             model, _ = rounder.quantize()
         grids = {}
         for fate in plan.quantized:
             module = model.get_submodule(fate.name)
-            if getattr(module, "bits", 16) != recipe.bits:
-                raise RuntimeError(f"auto-round did not quantize {fate.name}")
+            if (getattr(module, "bits", 16), getattr(module, "group_size", None)) != (fate.bits, fate.group_size or -1):
+                raise RuntimeError(f"auto-round did not quantize {fate.name} as planned (int{fate.bits}, "
+                                   f"group {fate.group_size}): it holds bits {getattr(module, 'bits', 16)}, "
+                                   f"group {getattr(module, 'group_size', None)}")
             grids[fate.name] = autoround_grid(module, dtype)
         unplanned = sorted(name for name, module in model.named_modules()
                            if getattr(module, "bits", 16) < 16 and name not in grids)

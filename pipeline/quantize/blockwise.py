@@ -353,7 +353,7 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
     return results
 
 
-ALGORITHMS = {"autoround": autoround_block, "gptq": gptq_block}
+BLOCK_SOLVERS = {"autoround": autoround_block, "gptq": gptq_block}  # the calibrated algorithms the driver runs
 
 
 def chain_error(cal: Calibration) -> float:
@@ -392,7 +392,7 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
 def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
-                "options": getattr(recipe, recipe.algorithm).model_dump(), "calibration": calibration_sha}
+                "options": recipe.algorithm_options.model_dump(), "calibration": calibration_sha}
     if recipe.overrides:  # only then: keys of recipes without overrides stay as they were
         settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
     if recipe.quantize_experts:
@@ -473,7 +473,7 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             resumed_blocks.append(index)
         elif targets:
             baseline = rtn_error(layer, targets, index, cal, schemes)
-            block = ALGORITHMS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
+            block = BLOCK_SOLVERS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
         else:
             block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
         advance(layer, index, cal, "q")  # the quantized chain, through the block's new weights

@@ -77,8 +77,7 @@ def _weight_bytes(model) -> int:
 class BlockwiseBackend:
     """`algorithm: autoround` runs auto-round's SignRound, `algorithm: gptq` llmcompressor's GPTQ solver."""
 
-    def __init__(self, algorithm: str, memory=None):
-        self.name = {"autoround": "auto-round", "gptq": "llmcompressor"}[algorithm]
+    def __init__(self, memory=None, **_):
         self.memory = memory  # pipeline.memory.MemoryPlan: where the blocks run
         self.report: dict = {}
 

@@ -76,7 +76,8 @@ def calibration_dataset(tokens: torch.Tensor):
 
 
 class LLMCompressorBackend:
-    name = "llmcompressor"
+    def __init__(self, **_):  # RTN needs neither the tokenizer nor the memory plan
+        self.report: dict = {}
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data=None) -> None:  # RTN weights need no data
         from compressed_tensors.offload import update_offload_parameter

@@ -118,17 +118,15 @@ def off_grid_message(fits: list[GridFit], bits: int, group_size: int) -> str:
 class QATRepackBackend:
     """Recover the integers and scales of weights already on the recipe's grid; write them packed."""
 
-    name = "gemma-quant qat-repack"
-
-    def __init__(self):
+    def __init__(self, **_):
         self.report: dict = {}
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
-        fits = [fit_grid(m.name, model.get_submodule(m.name).weight, recipe.bits, recipe.group_size)
+        fits = [fit_grid(m.name, model.get_submodule(m.name).weight, m.bits, m.group_size or m.shape[1])
                 for m in plan.quantized]
         self.report = {"qat_repack": repack_report(fits)} if fits else {}
         if any(f.off_grid_groups for f in fits):
-            raise OffGrid(off_grid_message(fits, recipe.bits, recipe.group_size))
+            raise OffGrid(off_grid_message(fits, plan.bits, plan.group_size))
         attach_grids(model, plan, recipe, {f.name: QuantizedWeight(f.weight, f.scale) for f in fits})
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
