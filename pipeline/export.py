@@ -20,7 +20,7 @@ from pipeline.names import matches
 from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed, scheme_problems
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
-from pipeline.quantize import Backend
+from pipeline.quantize.base import Backend
 from pipeline.recipe import Recipe
 
 WEIGHT_GLOB = "*.safetensors"

@@ -174,7 +174,7 @@ def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate
     if recipe.calibrated:
         with timer.stage("calibration"):
             from pipeline.calibration import load_or_build
-            from pipeline.quantize import CalibrationData
+            from pipeline.quantize.base import CalibrationData
 
             tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
                                                     f"{recipe.model.id}@{recipe.model.revision}")

@@ -196,7 +196,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
 
 def _calibration(recipe: Recipe, tokenizer, out_dir: Path):
     from pipeline.calibration import load_or_build
-    from pipeline.quantize import CalibrationData
+    from pipeline.quantize.base import CalibrationData
 
     tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, out_dir,
                                             f"{recipe.model.id}@{recipe.model.revision}")

@@ -11,6 +11,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 from conftest import read_tensors
 from pipeline.formats import unfuse_experts
 from pipeline.quantize import blockwise
+from pipeline.quantize.grids import weight_args
 from pipeline.quantize.moe_calibration import every_expert_on_every_token
 from pipeline.run import quantize_run
 
@@ -75,7 +76,7 @@ def _never_routed_expert_errors(algorithm: str, options: dict, tmp_path) -> dict
     rounded = {}
     for name, weight in original.items():
         scale, zero_point = blockwise.rtn_qparams(weight, scheme)
-        rounded[name] = fake_quantize(weight, scale, zero_point, blockwise._grid_args(scheme))
+        rounded[name] = fake_quantize(weight, scale, zero_point, weight_args(scheme))
 
     seen = []
     handle = experts.register_forward_pre_hook(lambda module, args: seen.append(args[0].float()))

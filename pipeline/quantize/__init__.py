@@ -1,36 +1,11 @@
-"""Quantization passes: one backend per library behind one interface.
-
-A backend quantizes a loaded model in place, exactly as the plan says (the plan's quantized
-modules and nothing else), and saves it in the recipe's export format.
-"""
+"""Quantization passes: one backend per algorithm and library (pipeline/algorithms.py), each standing on
+base.py (the interface, calibration input, plan check) and grids.py (the one grid type and how it
+becomes compressed-tensors' state)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
-
-import torch
-
-from pipeline.plan import Plan
+from pipeline.quantize.base import Backend
 from pipeline.recipe import Recipe
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    tokens: torch.Tensor  # [samples, seq_len]
-    sha256: str
-    work_dir: Path  # where a calibrated pass keeps its per-block checkpoints
-
-
-class Backend(Protocol):
-    report: dict  # what the pass measured (block errors, grid fits), for the manifest
-
-    def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None: ...
-
-    def save(self, model, folder: Path, recipe: Recipe) -> None: ...
-
-    def versions(self) -> dict[str, str]: ...
 
 
 def get_backend(recipe: Recipe, tokenizer=None, memory=None) -> Backend:
@@ -40,18 +15,3 @@ def get_backend(recipe: Recipe, tokenizer=None, memory=None) -> Backend:
 
     module, _, cls = recipe.quant_pass.backend.partition(":")
     return getattr(import_module(module), cls)(recipe=recipe, tokenizer=tokenizer, memory=memory)
-
-
-class PlanMismatch(RuntimeError):
-    """The library quantized a different set of modules than the plan asked for."""
-
-
-def check_applied(quantized_names: set[str], plan: Plan) -> None:
-    """Compare what the library actually quantized with the plan, both ways."""
-    wanted = {m.name for m in plan.quantized}
-    missing, extra = sorted(wanted - quantized_names), sorted(quantized_names - wanted)
-    if missing or extra:
-        raise PlanMismatch(
-            f"the quantizer did not follow the plan: {len(missing)} planned modules left unquantized "
-            f"{missing[:5]}, {len(extra)} unplanned modules quantized {extra[:5]}"
-        )

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.plan import Plan
-from pipeline.quantize import CalibrationData
-from pipeline.quantize.blockwise import QuantizedWeight
-from pipeline.quantize.blockwise_backend import attach_grids, save_compressed_tensors
+from pipeline.quantize.base import CalibrationData
+from pipeline.quantize.grids import attach_grids, from_autoround, save_compressed_tensors
 from pipeline.recipe import Recipe
 
 _AUTOROUND_ATTRIBUTES = ("scale", "zp", "bits", "group_size", "sym", "data_type", "act_bits", "act_group_size",
@@ -44,23 +43,6 @@ def _work_space():
                 os.environ.pop("AR_WORK_SPACE", None)
             else:
                 os.environ["AR_WORK_SPACE"] = previous
-
-
-def autoround_grid(module, dtype: torch.dtype) -> QuantizedWeight:
-    """auto-round's result for one Linear (weight on its grid, scales, unsigned zero point) as
-    compressed-tensors' signed grid, stored in the model's `dtype`. The grid steps are read in
-    float32 (auto-round computes in float32 where the CPU lacks bf16) and the weight rebuilt on the
-    `dtype`-rounded scale, so compressed-tensors recovers exactly these integers from what is stored."""
-    offset = 2 ** (module.bits - 1)
-    rows = module.weight.shape[0]
-    exact_scale = module.scale.float().reshape(rows, -1)
-    steps = torch.round(module.weight.float().reshape(rows, exact_scale.shape[1], -1) / exact_scale.unsqueeze(-1))
-    scale = exact_scale.to(dtype)
-    weight = (steps * scale.float().unsqueeze(-1)).reshape(module.weight.shape).to(dtype)
-    zero_point = None
-    if not module.sym:
-        zero_point = (torch.as_tensor(module.zp).to(torch.int32) - offset).reshape(scale.shape).to(torch.int8)
-    return QuantizedWeight(weight, scale, zero_point)
 
 
 class AutoRoundRTNBackend:
@@ -92,7 +74,7 @@ class AutoRoundRTNBackend:
                 raise RuntimeError(f"auto-round did not quantize {fate.name} as planned (int{fate.bits}, "
                                    f"group {fate.group_size}): it holds bits {getattr(module, 'bits', 16)}, "
                                    f"group {getattr(module, 'group_size', None)}")
-            grids[fate.name] = autoround_grid(module, dtype)
+            grids[fate.name] = from_autoround(module.weight, module.scale, module.zp, fate.scheme, dtype)
         unplanned = sorted(name for name, module in model.named_modules()
                            if getattr(module, "bits", 16) < 16 and name not in grids)
         if unplanned:
@@ -104,7 +86,7 @@ class AutoRoundRTNBackend:
             for name, tensor in (*model.named_parameters(), *model.named_buffers()):
                 if tensor.is_floating_point():
                     tensor.data = tensor.data.to(dtypes.get(name, dtype))
-        attach_grids(model, plan, recipe, grids)
+        attach_grids(model, plan, grids)
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
         save_compressed_tensors(model, folder)

@@ -39,6 +39,7 @@ from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
+from pipeline.quantize.grids import QuantizedWeight, from_autoround, weight_args
 from pipeline.quantize.moe_calibration import every_expert_on_every_token, expert_reconstruction
 from pipeline.recipe import Recipe
 
@@ -56,15 +57,6 @@ class LayerInputs:
     args: tuple
     kwargs: dict
     shares_kv: bool  # the model hands this layer a shared-KV store (Gemma 4's E-models)
-
-
-@dataclass
-class QuantizedWeight:
-    """A module's quantization result: the weight on its grid and the grid's parameters."""
-
-    weight: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor | None = None
 
 
 @dataclass
@@ -216,19 +208,13 @@ def advance(layer, index: int, cal: Calibration, chain: str) -> None:
 # ---------------------------------------------------------------- algorithms
 
 
-def _grid_args(scheme: WeightScheme):
-    from pipeline.quantize.llmcompressor_backend import weight_args
-
-    return weight_args(scheme)
-
-
 def rtn_qparams(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """compressed-tensors' min/max scale and zero point for a weight, per group or channel."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     rows, cols = weight.shape
     groups = weight.reshape(rows, cols // (scheme.group_size or cols), -1)
-    return calculate_qparams(groups.amin(-1), groups.amax(-1), _grid_args(scheme))
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), weight_args(scheme))
 
 
 _AUTOROUND_ATTRS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_sym", "act_dynamic",
@@ -298,15 +284,9 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     layer.to(dtype)
     results = {}
     for name, module in targets.items():
-        # auto-round's grid: ints in [-2^(b-1), 2^(b-1) - 1] times its scale; the export stores the
-        # scale in the model dtype, so the ints are recovered against that rounded scale.
-        scale = module.scale.to(torch.float32)
-        ints = torch.round(module.weight.float().reshape(scale.shape[0], scale.shape[1], -1) / scale.unsqueeze(-1))
-        qmax = 2 ** (schemes[name].bits - 1)
-        ints = ints.clamp(-qmax, qmax - 1)
-        stored_scale = scale.to(module.weight.dtype)
-        module.weight.data = (ints * stored_scale.float().unsqueeze(-1)).reshape(module.weight.shape).to(module.weight.dtype)
-        results[name] = QuantizedWeight(module.weight.data.clone(), stored_scale)
+        results[name] = from_autoround(module.weight, module.scale, getattr(module, "zp", None), schemes[name],
+                                       module.weight.dtype)
+        module.weight.data = results[name].weight.clone()
     for module in layer.modules():
         for attr in _AUTOROUND_ATTRS:
             if isinstance(module, torch.nn.Linear) and attr in module.__dict__:
@@ -341,7 +321,7 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
             handle.remove()
     results = {}
     for name, module in targets.items():
-        args = _grid_args(schemes[name]).model_copy(update={"actorder": recipe.gptq.actorder})
+        args = weight_args(schemes[name]).model_copy(update={"actorder": recipe.gptq.actorder})
         scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
         quantized, _, _ = quantize_weight(
             weights=module.weight.data.float().unsqueeze(0), hessians=(hessians[name] / counts[name]).unsqueeze(0),
@@ -373,7 +353,7 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
     originals = {name: module.weight.data for name, module in targets.items()}
     for name, module in targets.items():
         scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
-        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, _grid_args(schemes[name]))
+        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, weight_args(schemes[name]))
     total = 0.0
     try:
         with cal.computing(layer):

@@ -9,41 +9,12 @@ from pathlib import Path
 import torch
 
 from pipeline.plan import Plan
-from pipeline.quantize import CalibrationData, check_applied
-from pipeline.quantize.blockwise import QuantizedWeight, quantize_blockwise
-from pipeline.quantize.llmcompressor_backend import config_groups
+from pipeline.quantize.base import CalibrationData
+from pipeline.quantize.blockwise import quantize_blockwise
+from pipeline.quantize.grids import attach_grids, save_compressed_tensors
 from pipeline.recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
-
-
-def attach_grids(model, plan: Plan, recipe: Recipe, grids: dict[str, QuantizedWeight]) -> None:
-    """Mark the planned modules quantized (compressed-tensors' scheme, frozen) with the algorithm's
-    scales, so the compressor packs exactly the algorithm's integers."""
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-
-    config = QuantizationConfig(config_groups=config_groups(plan), ignore=plan.ignore,
-                                quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(model, config, show_progress=False)
-    for name, grid in grids.items():
-        module = model.get_submodule(name)
-        module.weight.data = grid.weight.to(module.weight.dtype)
-        module.weight_scale.data = grid.scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
-        if grid.zero_point is not None and hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data = grid.zero_point.reshape(module.weight_zero_point.shape).to(
-                module.weight_zero_point.dtype)
-    check_applied({n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}, plan)
-    missing = sorted({m.name for m in plan.quantized} - set(grids))
-    if missing:
-        raise RuntimeError(f"the calibrated pass produced no grid for {missing[:5]}")
-
-
-def save_compressed_tensors(model, folder: Path) -> None:
-    """A model whose grids were attached (not quantized by llmcompressor) saved as compressed-tensors."""
-    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
-
-    modify_save_pretrained(model)
-    model.save_pretrained(folder, save_compressed=True)
 
 
 def spread(model, budgets: list[int] | dict) -> dict:
@@ -105,7 +76,7 @@ class BlockwiseBackend:
         finally:
             if placement == "whole-model":
                 gather(model)
-        attach_grids(model, plan, recipe, result.grids)
+        attach_grids(model, plan, result.grids)
         self.report = {"block_errors": result.block_errors, "resumed_blocks": result.resumed_blocks}
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:

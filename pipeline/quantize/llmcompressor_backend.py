@@ -7,34 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
-from pipeline.quantize import check_applied
+from pipeline.quantize.base import check_applied
+from pipeline.quantize.grids import config_groups
 from pipeline.recipe import Recipe
-
-
-def weight_args(scheme: WeightScheme):
-    from compressed_tensors.quantization import QuantizationArgs
-
-    # Strategy named explicitly: compressed-tensors 0.19's W8A16 preset is group-128, not per-channel.
-    return QuantizationArgs(
-        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
-        strategy="group" if scheme.group_size else "channel", group_size=scheme.group_size,
-    )
-
-
-def config_groups(plan: Plan) -> dict:
-    """compressed-tensors config groups for the plan: one over every Linear when all quantized modules
-    share a scheme (the ignore list keeps the rest), else one per scheme naming its modules exactly
-    (exact names, so no module can match two groups)."""
-    from compressed_tensors.quantization import QuantizationScheme
-
-    schemes = plan.schemes()
-    if len(schemes) <= 1:
-        scheme = next(iter(schemes), plan.default_scheme)
-        return {"group_0": QuantizationScheme(targets=["Linear"], weights=weight_args(scheme))}
-    return {f"group_{i}": QuantizationScheme(targets=names, weights=weight_args(scheme))
-            for i, (scheme, names) in enumerate(schemes.items())}
 
 
 def kv_cache_scheme(recipe: Recipe):

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from pipeline.plan import Plan
-from pipeline.quantize import CalibrationData
-from pipeline.quantize.blockwise import QuantizedWeight
-from pipeline.quantize.blockwise_backend import attach_grids
+from pipeline.quantize.base import CalibrationData
+from pipeline.quantize.grids import QuantizedWeight, attach_grids
 from pipeline.recipe import Recipe
 
 # A value on the grid differs from q * scale only by BF16 rounding (of the scale, and of the product):
@@ -127,7 +126,7 @@ class QATRepackBackend:
         self.report = {"qat_repack": repack_report(fits)} if fits else {}
         if any(f.off_grid_groups for f in fits):
             raise OffGrid(off_grid_message(fits, plan.bits, plan.group_size))
-        attach_grids(model, plan, recipe, {f.name: QuantizedWeight(f.weight, f.scale) for f in fits})
+        attach_grids(model, plan, {f.name: QuantizedWeight(f.weight, f.scale) for f in fits})
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
         from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
