@@ -21,7 +21,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel
 
 from pipeline.plan import Kept, Plan
-from pipeline.recipe import RECIPES_DIR, Recipe
+from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe
+from pipeline.records import EvalReport
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.runlock import holds_run_lock
 
@@ -117,18 +118,6 @@ class LicenseFacts(BaseModel):
     language: list[str] | None
 
 
-class Measured(BaseModel):
-    """eval.json, as far as the card uses it."""
-
-    eval: dict
-    quality: dict | None
-    sizes: dict
-    gates: list[dict]
-    structure: dict
-    load_problems: list[str]
-    passed: bool
-
-
 class CardFacts(BaseModel):
     title: str
     source: SourceFacts
@@ -146,7 +135,7 @@ class CardFacts(BaseModel):
     mix_bits: str = ""  # e.g. "8/4"
     status: Literal["passed", "failed", "not validated"]
     failures: list[str]
-    measured: Measured | None
+    measured: EvalReport | None
     not_measured: str | None  # why the quality section has no numbers
     eval_text: str | None
     weights_bytes: int
@@ -194,10 +183,10 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         kept=kept, other_params=plan.other_params,
         status=status, failures=validation.failures if validation else [],
         measured=measured, not_measured=not_measured, eval_text=eval_text(measured.eval) if measured else None,
-        weights_bytes=sizes["export_weights_bytes"] if sizes else manifest.sizes.export_weights_bytes,
-        source_bytes=sizes["source_weights_bytes"] if sizes else manifest.sizes.source_bf16_bytes_estimate,
-        source_measured=bool(sizes and sizes["source_measured"]),
-        bits_per_param=sizes["bits_per_quantized_param"] if sizes else None,
+        weights_bytes=sizes.export_weights_bytes if sizes else manifest.sizes.export_weights_bytes,
+        source_bytes=sizes.source_weights_bytes if sizes else manifest.sizes.source_bf16_bytes_estimate,
+        source_measured=bool(sizes and sizes.source_measured),
+        bits_per_param=sizes.bits_per_quantized_param if sizes else None,
         ref=repo_id or str(export_at or export),
         model_class="AutoModelForImageTextToText" if arch.multimodal else "AutoModelForCausalLM",
         preprocessor="AutoProcessor" if any((export / f).is_file() for f in PROCESSOR_FILES) else "AutoTokenizer",
@@ -260,7 +249,7 @@ def kept_groups(plan: Plan) -> list[KeptGroup]:
                   key=lambda g: -g.params)
 
 
-def measurements(run_dir: Path, manifest: Manifest) -> tuple[Measured | None, str | None]:
+def measurements(run_dir: Path, manifest: Manifest) -> tuple[EvalReport | None, str | None]:
     """The validation report, or why there is none. eval.json counts only when the manifest says this
     export was validated: a report left over from an earlier export in the same run folder does not."""
     if not manifest.validation:
@@ -269,19 +258,19 @@ def measurements(run_dir: Path, manifest: Manifest) -> tuple[Measured | None, st
     path = run_dir / manifest.validation.report
     if not path.is_file():
         return None, f"the validation report ({path.name}) is missing from the run, so no numbers can be quoted"
-    measured = Measured.model_validate(json.loads(path.read_text()))
+    measured = EvalReport.model_validate_json(path.read_text())
     if measured.quality is None:
         return measured, "the export did not load cleanly in transformers: " + "; ".join(measured.load_problems)
     return measured, None
 
 
-def eval_text(spec: dict) -> str:
-    source = spec["source"]
+def eval_text(spec: EvalSpec) -> str:
+    source = spec.source
     if source == "builtin":
         return "gemma-quant's built-in held-out text (Python reference documentation; never used for calibration)"
     if source.startswith("hf:"):
         dataset = source.removeprefix("hf:")
-        detail = ", ".join(x for x in (spec.get("config"), spec.get("split")) if x)
+        detail = ", ".join(x for x in (spec.config, spec.split) if x)
         return f"[{dataset}](https://huggingface.co/datasets/{dataset}) ({detail})"
     return f"a local file, `{Path(source).name}`"
 
@@ -370,7 +359,7 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
     elif facts.not_measured:
         notes.append("Quality not measured: " + facts.not_measured + ".")
     else:
-        notes.append(f"Quality was measured against the unquantized model on {facts.measured.quality['tokens']:,} "
+        notes.append(f"Quality was measured against the unquantized model on {facts.measured.quality.tokens:,} "
                      "tokens of held-out text only; no task benchmarks were run.")
     return notes
 

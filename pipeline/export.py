@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.names import matches
 from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed, scheme_problems
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
 from pipeline.quantize.base import Backend
+from pipeline.names import matches
 from pipeline.recipe import Recipe
+from pipeline.rundir import FileSum
 
 WEIGHT_GLOB = "*.safetensors"
 SIZE_TOLERANCE = 0.02  # the plan counts tensor data exactly; the margin is for layouts it rounds
@@ -167,14 +168,14 @@ def restore_interrupted_swap(final: Path) -> bool:
     return False
 
 
-def file_checksums(folder: Path) -> dict[str, dict]:
+def file_checksums(folder: Path) -> dict[str, FileSum]:
     sums = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
-        sums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        sums[path.name] = FileSum(bytes=path.stat().st_size, sha256=digest.hexdigest())
     return sums
 
 

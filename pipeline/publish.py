@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline import __version__
 from pipeline.card import CARD, write_card
 from pipeline.recipe import HubSpec, Recipe
-from pipeline.rundir import EXPORT, MANIFEST, Manifest, Published
+from pipeline.rundir import EXPORT, MANIFEST, FileSum, Manifest, Published
 from pipeline.runlock import run_lock
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,9 @@ def prepare(run_dir: Path, repo_id: str | None = None, private: bool | None = No
                     private=recipe.hub.private if private is None else private)
     export = run_dir / EXPORT
     sums = file_checksums(export) if export.is_dir() else {}
-    files = [LocalFile(path=name, bytes=s["bytes"], sha256=s["sha256"]) for name, s in sums.items()]
+    files = [LocalFile(path=name, bytes=s.bytes, sha256=s.sha256) for name, s in sums.items()]
     card = manifest.card
-    card_is_generated = card is not None and CARD in sums and sums[CARD]["sha256"] == card.sha256
+    card_is_generated = card is not None and CARD in sums and sums[CARD].sha256 == card.sha256
     return PublishPlan(
         run_dir=run_dir, target=target, files=files,
         problems=status_problems(manifest, run_dir) + completeness_problems(export) + drift_problems(manifest, sums),
@@ -174,7 +174,7 @@ def completeness_problems(export: Path) -> list[str]:
     return problems
 
 
-def drift_problems(manifest: Manifest, files: dict[str, dict]) -> list[str]:
+def drift_problems(manifest: Manifest, files: dict[str, FileSum]) -> list[str]:
     """Files added, removed or changed since validation checksummed them (the card: since
     `gemma-quant card` wrote it, which is after validation)."""
     if not manifest.validation:
@@ -188,7 +188,7 @@ def drift_problems(manifest: Manifest, files: dict[str, dict]) -> list[str]:
             problems.append(f"{name} was validated but is missing now")
         elif name not in expected:
             problems.append(f"{name} was added after validation")
-        elif files[name]["sha256"] != expected[name]:
+        elif files[name].sha256 != expected[name]:
             problems.append(f"{name} was edited after `gemma-quant card` wrote it" if name == CARD
                             else f"{name} changed since validation")
     return problems
@@ -196,8 +196,8 @@ def drift_problems(manifest: Manifest, files: dict[str, dict]) -> list[str]:
 
 def _description(manifest: Manifest, recipe: Recipe) -> str:
     quality = manifest.validation.quality if manifest.validation else None
-    measured = (f"KL mean {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.4f}, "
-                f"perplexity ratio {quality['ppl_ratio']:.4f}") if quality else "quality not measured"
+    measured = (f"KL mean {quality.kl_mean:.5f}, top-1 agreement {quality.top1_agreement:.4f}, "
+                f"perplexity ratio {quality.ppl_ratio:.4f}") if quality else "quality not measured"
     return "\n".join([
         f"Recipe {recipe.name} (sha256 {manifest.recipe_sha256[:12]}), source {recipe.model.id}"
         + (f"@{recipe.model.revision}" if recipe.model.revision else ""),

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import __version__
 from pipeline.calibration import CalibrationSet
 from pipeline.recipe import Recipe
+from pipeline.records import Quality
 from pipeline.reload import ReloadReport
 
 EXPORT = "export"
@@ -109,7 +110,7 @@ class ValidationRecord(_Record):
     passed: bool
     report: str = EVAL_JSON
     failures: list[str]
-    quality: dict | None  # validate's Quality, as eval.json holds it
+    quality: Quality | None  # as eval.json holds it
     export_files: dict[str, FileSum]  # the export as validation checksummed it
 
 

@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -34,7 +33,8 @@ from pipeline.memory import MemoryPlan, load_within
 from pipeline.model import Source, load_config, model_class, resolve, sidecar_files
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
-from pipeline.recipe import EvalSpec, Gates
+from pipeline.recipe import Gates
+from pipeline.records import EvalReport, GateResult, Generation, MeasuredSizes, Quality, Structure
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
@@ -42,79 +42,6 @@ from pipeline.runlock import holds_run_lock
 KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
 
-class Quality(BaseModel):
-    dtype: str  # what both models computed in (float32 where the CPU emulates bf16: pipeline/compute.py)
-    samples: int
-    seq_len: int
-    tokens: int
-    kl_mean: float
-    kl_p99: float
-    top1_agreement: float
-    ppl_reference: float
-    ppl_quantized: float
-    ppl_ratio: float
-
-
-class Sizes(BaseModel):
-    source_weights_bytes: int
-    source_measured: bool  # False: the source's files were not local, the plan's BF16 estimate is used
-    export_weights_bytes: int
-    export_total_bytes: int
-    export_vs_source: float
-    quantized_params: int
-    quantized_bytes: int
-    bits_per_quantized_param: float
-
-
-class Generation(BaseModel):
-    prompt: str
-    reference: str
-    quantized: str
-
-
-class Structure(BaseModel):
-    tensors_checked: int
-    kept_identical: int
-    quantized_stored: int
-    problems: list[str]
-
-
-class GateResult(BaseModel):
-    gate: str
-    limit: float
-    value: float
-    passed: bool
-    message: str
-
-
-class EvalReport(BaseModel):
-    created: str
-    model_id: str
-    scheme: str
-    eval: EvalSpec
-    quality: Quality | None  # None: the export does not load cleanly, so nothing was measured
-    sizes: Sizes
-    generations: list[Generation]
-    structure: Structure
-    gates: list[GateResult]
-    versions: dict[str, str]
-
-    load_problems: list[str]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def failures(self) -> list[str]:
-        """All failures, structural ones capped (they come in hundreds when a layout is wrong)."""
-        structure = self.structure.problems
-        if len(structure) > MAX_LISTED:
-            structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
-        return self.load_problems + structure + [g.message for g in self.gates if not g.passed]
-
-
-MAX_LISTED = 10
 _EXPERT_OWNER = re.compile(r"^(.+\.experts)\.\d+\.(gate|up|down)_proj$")  # an export that stores experts unfused
 
 
@@ -294,7 +221,7 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
 # ---------------------------------------------------------------- sizes and gates
 
 
-def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: ExportFormat) -> Sizes:
+def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: ExportFormat) -> MeasuredSizes:
     out = _Tensors(export)
     quantized = {m.name for m in plan.quantized}
     per_module = defaultdict(int)
@@ -308,7 +235,7 @@ def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: Export
     export_weights = sum(p.stat().st_size for p in export.glob("*.safetensors"))
     source_measured = source_bytes > 0
     source_bytes = source_bytes or plan.bf16_bytes
-    return Sizes(
+    return MeasuredSizes(
         source_weights_bytes=source_bytes, source_measured=source_measured,
         export_weights_bytes=export_weights,
         export_total_bytes=sum(p.stat().st_size for p in export.iterdir() if p.is_file()),
@@ -372,7 +299,7 @@ def record_problems(run_dir: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{EXPORT}/{name} was written at export but is missing")
         elif name not in written:
             problems.append(f"{EXPORT}/{name} is in the export but the pipeline did not write it")
-        elif current[name]["sha256"] != written[name].sha256:
+        elif current[name].sha256 != written[name].sha256:
             problems.append(f"{EXPORT}/{name} changed since export")
     digests = run_dir / DIGESTS
     if not digests.is_file():
@@ -479,7 +406,7 @@ def validate_run(run_dir: Path) -> EvalReport:
     (run_dir / EVAL_MD).write_text(render_markdown(report))
     manifest.status = "validated" if report.passed else "failed_validation"
     manifest.validation = ValidationRecord(passed=report.passed, failures=report.failures,
-                                           quality=quality.model_dump() if quality else None,
+                                           quality=quality,
                                            export_files=file_checksums(export))
     manifest.save(run_dir)
     if not report.passed:

@@ -190,7 +190,7 @@ def _record_as_written(run):
     from pipeline.export import file_checksums
 
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["export"]["files"] = {name: entry for name, entry in file_checksums(run / "export").items()
+    manifest["export"]["files"] = {name: entry.model_dump() for name, entry in file_checksums(run / "export").items()
                                    if name != "README.md"}
     (run / "manifest.json").write_text(json.dumps(manifest))
 

@@ -1,0 +1,84 @@
+"""What validation measured (eval.json), typed once: validate writes it, the manifest, the card and
+publish read it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from pipeline.recipe import EvalSpec
+
+MAX_LISTED = 10  # structural problems named in the verdict; eval.json keeps them all
+
+
+class Quality(BaseModel):
+    dtype: str  # what both models computed in (float32 where the CPU emulates bf16: pipeline/compute.py)
+    samples: int
+    seq_len: int
+    tokens: int
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_quantized: float
+    ppl_ratio: float
+
+
+class MeasuredSizes(BaseModel):
+    source_weights_bytes: int
+    source_measured: bool  # False: the source's files were not local, the plan's BF16 estimate is used
+    export_weights_bytes: int
+    export_total_bytes: int
+    export_vs_source: float
+    quantized_params: int
+    quantized_bytes: int
+    bits_per_quantized_param: float
+
+
+class Generation(BaseModel):
+    prompt: str
+    reference: str
+    quantized: str
+
+
+class Structure(BaseModel):
+    tensors_checked: int
+    kept_identical: int
+    quantized_stored: int
+    problems: list[str]
+
+
+class GateResult(BaseModel):
+    gate: str
+    limit: float
+    value: float
+    passed: bool
+    message: str
+
+
+class EvalReport(BaseModel):
+    created: str
+    model_id: str
+    scheme: str
+    eval: EvalSpec
+    quality: Quality | None  # None: the export does not load cleanly, so nothing was measured
+    sizes: MeasuredSizes
+    generations: list[Generation]
+    structure: Structure
+    gates: list[GateResult]
+    versions: dict[str, str]
+
+    load_problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def failures(self) -> list[str]:
+        """All failures, structural ones capped (they come in hundreds when a layout is wrong)."""
+        structure = self.structure.problems
+        if len(structure) > MAX_LISTED:
+            structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
+        return self.load_problems + structure + [g.message for g in self.gates if not g.passed]
+
+
