@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from pipeline.algorithms import ALGORITHMS, Algorithm, AlgorithmName, AutoRoundOptions, GPTQOptions, Library, Pass
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+CALIBRATION_DIR = RECIPES_DIR.parent / "calibration"  # named calibration mixtures
 
 Scheme = Literal["W4A16", "W8A16"]
 SCHEME_BITS = {"W4A16": 4, "W8A16": 8}
@@ -183,10 +184,44 @@ class CalibrationSource(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    sources: list[CalibrationSource] = Field(default_factory=lambda: [CalibrationSource()], min_length=1)
+    """The calibration data: a named mixture from calibration/ (the default: `default`), with any key
+    the recipe sets beside it winning over the mixture's."""
+
+    mixture: str | None = None  # the calibration/<name>.yaml the other keys default from; None: none
+    sources: list[CalibrationSource] = Field(min_length=1)
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=8)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_mixture(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if "mixture" not in data and "sources" in data:
+            return data  # the recipe lists its own sources
+        name = data.get("mixture", DEFAULT_MIXTURE)
+        return {**calibration_mixture(name), **data, "mixture": name}
+
+
+DEFAULT_MIXTURE = "default"
+
+
+def calibration_mixtures() -> list[str]:
+    return sorted(p.stem for p in CALIBRATION_DIR.glob("*.yaml"))
+
+
+def calibration_mixture(name) -> dict:
+    """A mixture file's calibration keys (its `description` is for people)."""
+    path = CALIBRATION_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or "/" in name or not path.is_file():
+        raise ValueError(f"no calibration mixture {shown(name)} in {CALIBRATION_DIR}; "
+                         f"available: {', '.join(calibration_mixtures())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a mapping of calibration keys")
+    data.pop("description", None)
+    return data
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

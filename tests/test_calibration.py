@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from pipeline import calibration
 from pipeline.corpus import CorpusError
 from pipeline.model import ModelSpec, resolve
-from pipeline.recipe import CalibrationSpec
+from pipeline.recipe import CALIBRATION_DIR, CalibrationSpec, calibration_mixtures
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,36 @@ def test_errors(tokenizer, tmp_path):
         calibration.build(_spec(sources=[{"source": "hf:nobody/none", "format": "messages"}]), tokenizer)
     with pytest.raises(CorpusError, match="no such file"):
         calibration.build(_spec(sources=[{"source": str(tmp_path / "missing.txt")}]), tokenizer)
+
+
+@pytest.mark.parametrize("name", calibration_mixtures())
+def test_every_shipped_mixture_is_a_valid_calibration_block(name):
+    import yaml
+
+    raw = yaml.safe_load((CALIBRATION_DIR / f"{name}.yaml").read_text())
+    assert raw["description"].strip()  # what the README's table and a user read
+    spec = CalibrationSpec.model_validate({"mixture": name})
+    assert spec.mixture == name and [s.source for s in spec.sources] == [s["source"] for s in raw["sources"]]
+    assert (spec.samples, spec.seq_len) == (raw["samples"], raw["seq_len"])
+
+
+def test_a_recipe_names_a_mixture_and_its_own_keys_win(write_recipe):
+    from pipeline.recipe import RecipeError, load_recipe
+
+    default = load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16")).calibration
+    assert default.mixture == "default" and [s.source for s in default.sources] == ["builtin"]
+    chat = load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", calibration={"mixture": "chat", "samples": 16})).calibration
+    assert chat.samples == 16 and chat.seq_len == 2048
+    assert [(s.source, s.format, s.weight) for s in chat.sources] == [
+        ("hf:HuggingFaceH4/ultrachat_200k", "messages", 3.0), ("hf:Salesforce/wikitext", "text", 1.0)]
+    own = load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", calibration={"sources": [{"source": "a.txt"}]})).calibration
+    assert own.mixture is None and [s.source for s in own.sources] == ["a.txt"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(model="tiny:e2b", scheme="W4A16", calibration={"mixture": "ultrachat"}))
+    assert err.value.key == "calibration" and "no calibration mixture 'ultrachat'" in str(err.value)
+    assert "available: chat, default" in str(err.value)
+
+
+def test_the_default_mixture_builds_offline(tokenizer):
+    tokens, per_source = calibration.build(CalibrationSpec.model_validate({"samples": 4, "seq_len": 64}), tokenizer)
+    assert tokens.shape == (4, 64) and per_source == {"builtin": 4}
