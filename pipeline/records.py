@@ -1,5 +1,5 @@
-"""What validation measured (eval.json), typed once: validate writes it, the manifest, the card and
-publish read it."""
+"""What the stages measured, typed once: the quantize pass's report (in the manifest) and validation's
+eval.json. The stages write them; the manifest, the card and publish read them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,35 @@ from pydantic import BaseModel
 from pipeline.recipe import EvalSpec
 
 MAX_LISTED = 10  # structural problems named in the verdict; eval.json keeps them all
+
+
+class BlockError(BaseModel):
+    """The block driver's output error for one decoder block (None where it had nothing to quantize)."""
+
+    block: int
+    rtn_mse: float | None  # with round-to-nearest weights: what the algorithm improves on
+    mse: float | None  # with the algorithm's weights
+
+
+class RepackReport(BaseModel):
+    """How exactly qat-repack's integers and scales reproduce the source."""
+
+    tensors: int
+    groups: int
+    off_grid_groups: int
+    values: int
+    identical_share: float
+    worst_relative_error: float  # of the group's largest magnitude
+    worst_tensor: str
+    negative_scale_groups: int
+
+
+class QuantizeReport(BaseModel):
+    """What a quantize pass measured, for the manifest (empty for the RTN passes)."""
+
+    block_errors: list[BlockError] = []
+    resumed_blocks: list[int] = []  # blocks read back from an interrupted run's checkpoints
+    qat_repack: RepackReport | None = None
 
 
 class Quality(BaseModel):

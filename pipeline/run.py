@@ -206,7 +206,7 @@ def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate
         source=SourceRecord(id=recipe.model.id, path=str(source.path) if source.path else None,
                             revision=recipe.model.revision),
         algorithm=recipe.algorithm, library=recipe.runs_on, calibration=calibration_set,
-        quantize_report=backend.report or None,
+        quantize_report=backend.report,
         versions=library_versions(), timings_s=timer.seconds, plan=PlanRecord(**plan.counts()),
         sizes=Sizes(source_bf16_bytes_estimate=plan.bf16_bytes, export_weights_bytes_estimate=plan.export_bytes,
                     export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export)),

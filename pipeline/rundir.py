@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import __version__
 from pipeline.calibration import CalibrationSet
 from pipeline.recipe import Recipe
-from pipeline.records import Quality
+from pipeline.records import Quality, QuantizeReport
 from pipeline.reload import ReloadReport
 
 EXPORT = "export"
@@ -146,7 +146,7 @@ class Manifest(_Record):
     algorithm: str
     library: str  # what the algorithm ran on (pipeline/algorithms.py)
     calibration: CalibrationSet | None
-    quantize_report: dict | None
+    quantize_report: QuantizeReport
     versions: dict[str, str]
     timings_s: dict[str, float]
     plan: PlanRecord

@@ -9,6 +9,7 @@ from pipeline.algorithms import ALGORITHMS, Library
 from pipeline.quantize import get_backend
 from pipeline.quantize.blockwise import BLOCK_SOLVERS
 from pipeline.recipe import Recipe, RecipeError, parse_recipe
+from pipeline.records import QuantizeReport
 
 
 def test_the_recipe_accepts_exactly_the_registered_algorithms():
@@ -26,7 +27,7 @@ def test_every_pass_builds_its_backend_and_reads_its_options(name, library):
     spec = ALGORITHMS[name]
     assert recipe.runs_on == library and recipe.quant_pass is spec.passes[library]
     backend = get_backend(recipe)
-    assert type(backend).__name__ == spec.passes[library].backend.rsplit(":", 1)[1] and backend.report == {}
+    assert type(backend).__name__ == spec.passes[library].backend.rsplit(":", 1)[1] and backend.report == QuantizeReport()
     assert recipe.calibrated == spec.calibrated
     assert (recipe.algorithm_options is None) == (spec.options is None)
     if spec.options is not None:

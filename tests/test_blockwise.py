@@ -98,9 +98,9 @@ def test_calibrated_blocks_beat_rtn(algorithm, options, tmp_path):
     recipe, plan, model, tokens = _setup("31b", algorithm, **options)
     result = blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha")
     errors = result.block_errors
-    assert len(errors) == 6 and all(e["mse"] is not None for e in errors)
-    assert sum(e["mse"] for e in errors) < sum(e["rtn_mse"] for e in errors)
-    assert all(e["mse"] <= e["rtn_mse"] * 1.05 for e in errors), errors
+    assert len(errors) == 6 and all(e.mse is not None for e in errors)
+    assert sum(e.mse for e in errors) < sum(e.rtn_mse for e in errors)
+    assert all(e.mse <= e.rtn_mse * 1.05 for e in errors), errors
 
 
 def test_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):
@@ -138,15 +138,15 @@ def test_calibrated_export_reloads_and_validates(algorithm, tmp_path):
     assert manifest.status == "validated"
     assert manifest.reload.vs_in_memory.max_abs_diff == 0.0
     assert manifest.calibration.samples == 2 and not manifest.calibration.cached
-    errors = manifest.quantize_report["block_errors"]
+    errors = manifest.quantize_report.block_errors
     assert len(errors) == 10
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     # The same recipe again: calibration tokens come from the run's cache, blocks from checkpoints.
     again = quantize_run(path, validate=False)
     assert again.calibration.cached and again.calibration.sha256 == manifest.calibration.sha256
-    assert again.quantize_report["block_errors"] == errors
-    assert manifest.quantize_report["resumed_blocks"] == [] and again.quantize_report["resumed_blocks"] == list(range(10))
+    assert again.quantize_report.block_errors == errors
+    assert manifest.quantize_report.resumed_blocks == [] and again.quantize_report.resumed_blocks == list(range(10))
     log = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))[-1].read_text()
     assert "block 9: resumed from" in log
 
@@ -186,5 +186,5 @@ def test_float32_chains_keep_the_model_dtype_and_calibrate_as_the_bf16_ones(tmp_
     assert all(g.weight.dtype == torch.bfloat16 for g in wide.grids.values())
     assert len(list(tmp_path.iterdir())) == 2  # two checkpoint folders: not resumed from the BF16 blocks
     for ours, theirs in zip(wide.block_errors, bf16.block_errors):
-        assert ours["mse"] < ours["rtn_mse"]
-        assert ours["mse"] == pytest.approx(theirs["mse"], rel=0.1) and ours["mse"] != theirs["mse"]
+        assert ours.mse < ours.rtn_mse
+        assert ours.mse == pytest.approx(theirs.mse, rel=0.1) and ours.mse != theirs.mse

@@ -106,8 +106,8 @@ def test_calibrated_moe_export_reloads_with_experts_quantized(tmp_path):
     manifest = quantize_run(path)
     assert manifest.status == "validated"
     assert manifest.reload.missing_keys == [] and manifest.reload.unexpected_keys == []
-    errors = manifest.quantize_report["block_errors"]
-    assert sum(e["mse"] for e in errors) < sum(e["rtn_mse"] for e in errors)
+    errors = manifest.quantize_report.block_errors
+    assert sum(e.mse for e in errors) < sum(e.rtn_mse for e in errors)
     stored = read_tensors(tmp_path / "run" / "export")
     experts = [k for k in stored if ".experts." in k and k.endswith(".qweight")]
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["text_config"]

@@ -82,7 +82,7 @@ def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant, monk
         assert torch.equal(unpack_from_int32(stored[f"{name}.weight_packed"], 4, shape), ints), name
         assert torch.equal(stored[f"{name}.weight_scale"], d), name
 
-    report = manifest.quantize_report["qat_repack"]
+    report = manifest.quantize_report.qat_repack.model_dump()
     assert report["tensors"] == len(grids) and report["off_grid_groups"] == 0
     assert report["identical_share"] == 1.0 and report["worst_relative_error"] == 0.0
     # q4_0 puts each group's extreme at -8: groups whose extreme is positive need a negative scale.

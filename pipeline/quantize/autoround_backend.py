@@ -21,6 +21,7 @@ from pipeline.plan import Plan
 from pipeline.quantize.base import CalibrationData
 from pipeline.quantize.grids import attach_grids, from_autoround, save_compressed_tensors
 from pipeline.recipe import Recipe
+from pipeline.records import QuantizeReport
 
 _AUTOROUND_ATTRIBUTES = ("scale", "zp", "bits", "group_size", "sym", "data_type", "act_bits", "act_group_size",
                          "act_sym", "act_data_type", "act_dynamic", "super_bits", "super_group_size")
@@ -48,7 +49,7 @@ def _work_space():
 class AutoRoundRTNBackend:
     def __init__(self, tokenizer=None, **_):
         self.tokenizer = tokenizer  # AutoRound wants one for text-only models, though RTN reads no text
-        self.report: dict = {}
+        self.report = QuantizeReport()
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
         from auto_round import AutoRound

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.plan import Plan
 from pipeline.recipe import Recipe
+from pipeline.records import QuantizeReport
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Backend(Protocol):
     """A pass quantizes a loaded model in place, exactly as the plan says (each module on its own
     planned scheme, nothing else), and saves it as compressed-tensors."""
 
-    report: dict  # what the pass measured (block errors, grid fits), for the manifest
+    report: QuantizeReport  # what the pass measured (block errors, grid fits), for the manifest
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None: ...
 

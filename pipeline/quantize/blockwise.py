@@ -42,6 +42,7 @@ from pipeline.plan import Plan
 from pipeline.quantize.grids import QuantizedWeight, from_autoround, weight_args
 from pipeline.quantize.moe_calibration import every_expert_on_every_token, expert_reconstruction
 from pipeline.recipe import Recipe
+from pipeline.records import BlockError
 
 log = logging.getLogger(__name__)
 
@@ -382,22 +383,23 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | 
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, block: dict[str, QuantizedWeight], error: dict) -> None:
+def save_checkpoint(path: Path, block: dict[str, QuantizedWeight], error: BlockError) -> None:
     """One finished block's grids and error, as tensors and plain data (so resuming needs no pickle)."""
     grids = {name: {"weight": q.weight, "scale": q.scale, "zero_point": q.zero_point} for name, q in block.items()}
-    torch.save({"grids": grids, "error": error}, path.with_suffix(".tmp"))
+    torch.save({"grids": grids, "error": error.model_dump()}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").rename(path)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, QuantizedWeight], dict]:
+def load_checkpoint(path: Path) -> tuple[dict[str, QuantizedWeight], BlockError]:
     saved = torch.load(path, weights_only=True)  # tensors and plain data only: the run dir may be shared
-    return {name: QuantizedWeight(**grid) for name, grid in saved["grids"].items()}, saved["error"]
+    return ({name: QuantizedWeight(**grid) for name, grid in saved["grids"].items()},
+            BlockError.model_validate(saved["error"]))
 
 
 @dataclass
 class BlockwiseResult:
     grids: dict[str, QuantizedWeight]
-    block_errors: list[dict]  # per block: output MSE with RTN weights and with the algorithm's
+    block_errors: list[BlockError]  # per block: output MSE with RTN weights and with the algorithm's
     resumed_blocks: list[int]  # blocks read back from an interrupted run's checkpoints
 
 
@@ -455,12 +457,12 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             baseline = rtn_error(layer, targets, index, cal, schemes)
             block = BLOCK_SOLVERS[recipe.algorithm](layer, targets, index, cal, cal.fp_hidden, recipe, schemes)
         else:
-            block, error = {}, {"block": index, "rtn_mse": None, "mse": None}
+            block, error = {}, BlockError(block=index, rtn_mse=None, mse=None)
         advance(layer, index, cal, "q")  # the quantized chain, through the block's new weights
         if targets and not resumed:
-            error = {"block": index, "rtn_mse": baseline, "mse": chain_error(cal)}
+            error = BlockError(block=index, rtn_mse=baseline, mse=chain_error(cal))
             save_checkpoint(saved, block, error)
-        progress.set_postfix(mse=error["mse"], rtn=error["rtn_mse"])
+        progress.set_postfix(mse=error.mse, rtn=error.rtn_mse)
         if onload is not None:
             layer.to(host)
             move_layer_state(cal, index, host)

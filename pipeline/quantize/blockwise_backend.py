@@ -13,6 +13,7 @@ from pipeline.quantize.base import CalibrationData
 from pipeline.quantize.blockwise import quantize_blockwise
 from pipeline.quantize.grids import attach_grids, save_compressed_tensors
 from pipeline.recipe import Recipe
+from pipeline.records import QuantizeReport
 
 CHECKPOINTS = "checkpoints"
 
@@ -50,7 +51,7 @@ class BlockwiseBackend:
 
     def __init__(self, memory=None, **_):
         self.memory = memory  # pipeline.memory.MemoryPlan: where the blocks run
-        self.report: dict = {}
+        self.report = QuantizeReport()
 
     def placement(self, model) -> str:
         """The memory plan's GPU placement; without one, the whole model on the GPU when it fits."""
@@ -77,7 +78,7 @@ class BlockwiseBackend:
             if placement == "whole-model":
                 gather(model)
         attach_grids(model, plan, result.grids)
-        self.report = {"block_errors": result.block_errors, "resumed_blocks": result.resumed_blocks}
+        self.report = QuantizeReport(block_errors=result.block_errors, resumed_blocks=result.resumed_blocks)
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
         save_compressed_tensors(model, folder)

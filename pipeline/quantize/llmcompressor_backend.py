@@ -11,6 +11,7 @@ from pipeline.plan import Plan
 from pipeline.quantize.base import check_applied
 from pipeline.quantize.grids import config_groups
 from pipeline.recipe import Recipe
+from pipeline.records import QuantizeReport
 
 
 def kv_cache_scheme(recipe: Recipe):
@@ -53,7 +54,7 @@ def calibration_dataset(tokens: torch.Tensor):
 
 class LLMCompressorBackend:
     def __init__(self, **_):  # RTN needs neither the tokenizer nor the memory plan
-        self.report: dict = {}
+        self.report = QuantizeReport()
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data=None) -> None:  # RTN weights need no data
         from compressed_tensors.offload import update_offload_parameter

@@ -25,6 +25,7 @@ from pipeline.plan import Plan
 from pipeline.quantize.base import CalibrationData
 from pipeline.quantize.grids import QuantizedWeight, attach_grids
 from pipeline.recipe import Recipe
+from pipeline.records import QuantizeReport, RepackReport
 
 # A value on the grid differs from q * scale only by BF16 rounding (of the scale, and of the product):
 # at most about one ulp of the group's largest magnitude, 2^-7 of it. Off the grid means further than
@@ -89,20 +90,15 @@ def fit_grid(name: str, weight: torch.Tensor, bits: int, group_size: int) -> Gri
     )
 
 
-def repack_report(fits: list[GridFit]) -> dict:
-    """The manifest's quantize_report: how exactly the integers and scales reproduce the source."""
+def repack_report(fits: list[GridFit]) -> RepackReport:
+    """How exactly the integers and scales reproduce the source."""
     values = sum(f.values for f in fits)
     worst = max(fits, key=lambda f: f.worst_relative_error)
-    return {
-        "tensors": len(fits),
-        "groups": sum(f.groups for f in fits),
-        "off_grid_groups": sum(f.off_grid_groups for f in fits),
-        "values": values,
-        "identical_share": sum(f.identical_values for f in fits) / values,
-        "worst_relative_error": worst.worst_relative_error,  # of the group's largest magnitude
-        "worst_tensor": worst.name,
-        "negative_scale_groups": sum(f.negative_scales for f in fits),
-    }
+    return RepackReport(
+        tensors=len(fits), groups=sum(f.groups for f in fits), off_grid_groups=sum(f.off_grid_groups for f in fits),
+        values=values, identical_share=sum(f.identical_values for f in fits) / values,
+        worst_relative_error=worst.worst_relative_error, worst_tensor=worst.name,
+        negative_scale_groups=sum(f.negative_scales for f in fits))
 
 
 def off_grid_message(fits: list[GridFit], bits: int, group_size: int) -> str:
@@ -118,12 +114,12 @@ class QATRepackBackend:
     """Recover the integers and scales of weights already on the recipe's grid; write them packed."""
 
     def __init__(self, **_):
-        self.report: dict = {}
+        self.report = QuantizeReport()
 
     def quantize(self, model, plan: Plan, recipe: Recipe, data: CalibrationData | None = None) -> None:
         fits = [fit_grid(m.name, model.get_submodule(m.name).weight, m.bits, m.group_size or m.shape[1])
                 for m in plan.quantized]
-        self.report = {"qat_repack": repack_report(fits)} if fits else {}
+        self.report = QuantizeReport(qat_repack=repack_report(fits) if fits else None)
         if any(f.off_grid_groups for f in fits):
             raise OffGrid(off_grid_message(fits, plan.bits, plan.group_size))
         attach_grids(model, plan, {f.name: QuantizedWeight(f.weight, f.scale) for f in fits})
