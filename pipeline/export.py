@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from pipeline.quantize.base import Backend
 from pipeline.names import matches
 from pipeline.recipe import Recipe
 from pipeline.rundir import FileSum
+from pipeline.tensors import WEIGHT_GLOB, StoredTensors
 
-WEIGHT_GLOB = "*.safetensors"
 SIZE_TOLERANCE = 0.02  # the plan counts tensor data exactly; the margin is for layouts it rounds
 
 
@@ -106,7 +105,7 @@ def check_complete(folder: Path, plan: Plan, export_format: str = COMPRESSED_TEN
     if unreadable or not qconfig:
         raise ExportIncomplete(f"{folder.parent}/{unreadable[0]}" if unreadable
                                else f"{folder}/config.json has an empty quantization_config")
-    written, estimate = tensor_data_bytes(folder), plan.export_bytes
+    written, estimate = StoredTensors(folder).data_bytes(), plan.export_bytes
     if abs(written / estimate - 1) > SIZE_TOLERANCE:
         # e.g. experts or towers written in BF16 that the plan counted packed, or the reverse
         raise ExportIncomplete(f"the weights written ({written / 1e6:.2f} MB) differ from the plan's estimate "
@@ -181,28 +180,11 @@ def file_checksums(folder: Path) -> dict[str, FileSum]:
 
 def tensor_digests(folder: Path) -> dict[str, str]:
     """sha256 of every stored tensor's bytes, so a later check can name exactly what changed."""
-    from safetensors import safe_open
-
-    digests = {}
-    for path in sorted(folder.glob(WEIGHT_GLOB)):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                digests[key] = tensor_digest(f.get_tensor(key))
-    return digests
+    return {name: tensor_digest(tensor) for name, tensor in StoredTensors(folder).items()}
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def tensor_data_bytes(folder: Path) -> int:
-    """Bytes of tensor data in the folder's safetensors files, headers excluded, read from the headers."""
-    total = 0
-    for path in folder.glob(WEIGHT_GLOB):
-        with path.open("rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:

@@ -12,22 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.names import first_match
+from pipeline.tensors import StoredTensors
 
 PACKED = "weight_packed"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-
-def stored_headers(folder: Path) -> dict[str, tuple[str, list[int]]]:
-    """Every stored tensor's dtype and shape, from the safetensors headers (no tensor data read)."""
-    from safetensors import safe_open
-
-    found = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                found[key] = (tensor.get_dtype(), list(tensor.get_shape()))
-    return found
 
 
 def linear_like_modules(folder: Path) -> set[str]:
@@ -53,7 +41,7 @@ def covered_by(name: str, ignore: list[str]) -> str | None:
 
 def index_ignore_problems(folder: Path, ignore: list[str]) -> list[str]:
     """Unpacked floating-point Linear-like weights the ignore list misses, and packed ones it names."""
-    headers = stored_headers(folder)
+    headers = StoredTensors(folder).headers
     problems = []
     for module in sorted(linear_like_modules(folder)):
         unpacked = [key for key, (dtype, shape) in headers.items()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -20,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pipeline import text_only
@@ -38,6 +36,7 @@ from pipeline.records import EvalReport, GateResult, Generation, MeasuredSizes, 
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
+from pipeline.tensors import StoredTensors, why_unreadable
 
 KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
@@ -123,42 +122,13 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
 # ---------------------------------------------------------------- structure
 
 
-class _Tensors:
-    """The tensors of a safetensors folder, read lazily by key."""
-
-    def __init__(self, folder: Path, rename: Callable[[str], str | None] | None = None):
-        """`rename`: the name each stored key goes by here (None leaves it out), e.g. a text-only build's."""
-        self.files, self._stored_as = {}, {}
-        for path in sorted(folder.glob("*.safetensors")):
-            if why_unreadable(path):
-                continue  # validation fails on it by name (unreadable_tensor_files)
-            with safe_open(path, "pt") as f:
-                for key in f.keys():
-                    if (name := rename(key) if rename else key) is not None:
-                        self.files[name], self._stored_as[name] = path, key
-
-    def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(self._stored_as[key])
-
-    def nbytes(self, key: str) -> int:
-        """Stored size from the header, without reading the tensor."""
-        with safe_open(self.files[key], "pt") as f:
-            view = f.get_slice(key)
-            return math.prod(view.get_shape()) * _DTYPE_BYTES[view.get_dtype()]
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
-
-
 def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportFormat,
                     digests: dict[str, str] | None = None,
                     source_rename: Callable[[str], str | None] | None = None, kv_scales: bool = False) -> Structure:
     """Every source tensor outside the quantized modules is stored bit-identically; every quantized
     module is stored packed (not as a 16-bit weight); nothing else appears; no tensor changed since
     export (when its digests are known)."""
-    src, out = _Tensors(source_dir, source_rename), _Tensors(export)
+    src, out = StoredTensors(source_dir, source_rename, skip_unreadable=True), StoredTensors(export, skip_unreadable=True)
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
     problems, identical, stored_packed = [], 0, 0
@@ -222,7 +192,7 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
 
 
 def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: ExportFormat) -> MeasuredSizes:
-    out = _Tensors(export)
+    out = StoredTensors(export, skip_unreadable=True)
     quantized = {m.name for m in plan.quantized}
     per_module = defaultdict(int)
     for key in out.files:
@@ -307,17 +277,6 @@ def record_problems(run_dir: Path, manifest: Manifest) -> list[str]:
     elif hashlib.sha256(digests.read_bytes()).hexdigest() != manifest.export.tensor_digests_sha256:
         problems.append(f"{DIGESTS} changed since export")
     return problems
-
-
-def why_unreadable(path: Path) -> str | None:
-    """None if the safetensors file's header and tensor table can be read, else why not (a truncated copy)."""
-    try:
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                f.get_slice(key)
-    except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError by cause
-        return f"{type(err).__name__}: {str(err)[:200]}"
-    return None
 
 
 def unreadable_tensor_files(export: Path) -> list[str]:

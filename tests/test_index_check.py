@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.export import ExportIncomplete
-from pipeline.index_check import index_ignore_problems, linear_like_modules, stored_headers
+from pipeline.index_check import index_ignore_problems, linear_like_modules
+from pipeline.tensors import StoredTensors
 from pipeline.plan import Plan
 from pipeline.run import quantize_run
 
@@ -40,7 +41,7 @@ def test_written_index_matches_the_ignore_list(exports, variant):
     run = exports(variant)
     folder, plan = run / "export", Plan.load(run / "plan.json")
     assert index_ignore_problems(folder, _ignore(folder)) == []
-    headers = stored_headers(folder)
+    headers = StoredTensors(folder).headers
     linear_like = linear_like_modules(folder)
     stored_16bit = {m for m in linear_like if f"{m}.weight_packed" not in headers
                     and any(k.startswith(m + ".") for k in headers)}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import read_tensors
-from pipeline.export import ExportIncomplete, check_complete, tensor_data_bytes
+from pipeline.export import ExportIncomplete, check_complete
+from pipeline.tensors import StoredTensors
 from pipeline.plan import Plan
 from pipeline.recipe import RecipeError, parse_recipe
 from pipeline.run import quantize_run
@@ -63,7 +64,7 @@ def test_experts_stored_quantized_router_untouched_and_reloaded(moe_run):
     assert manifest.reload.vs_in_memory.kl_mean < 0.05  # unfused experts sum in another order
     assert report["quality"]["top1_agreement"] > (0.95 if bits == 8 else 0.5)
     sizes = manifest.sizes
-    assert tensor_data_bytes(run_dir / "export") == sizes.export_weights_bytes_estimate  # the plan counts exactly
+    assert StoredTensors(run_dir / "export").data_bytes() == sizes.export_weights_bytes_estimate  # the plan counts exactly
     assert sizes.export_weights_bytes == pytest.approx(sizes.export_weights_bytes_estimate, rel=0.04)  # + headers
     assert sizes.export_weights_bytes < 0.6 * sizes.source_bf16_bytes_estimate
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from pipeline import reload as reloading
-from pipeline.index_check import stored_headers
+from pipeline.tensors import StoredTensors
 from pipeline.plan import Plan
 from pipeline.recipe import parse_recipe
 from pipeline.run import quantize_run
@@ -47,7 +47,7 @@ def test_text_only_build_reloads_as_a_text_model_with_the_multimodal_logits(tmp_
     assert len(plan.quantized) == len(Plan.load(full_run / "plan.json").quantized)
 
     # Smaller by exactly the towers: their stored tensors in the multimodal export, nothing else.
-    full_headers, text_headers = stored_headers(full_export), stored_headers(text_export)
+    full_headers, text_headers = StoredTensors(full_export).headers, StoredTensors(text_export).headers
     towers = {k: v for k, v in full_headers.items() if source_key(k) is None}
     assert {source_key(k) for k in full_headers} - {None} == set(text_headers)
     assert sum(torch.Size(shape).numel() for _, shape in towers.values()) == sum(

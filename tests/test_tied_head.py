@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pipeline.index_check import stored_headers
+from pipeline.tensors import StoredTensors
 from pipeline.model import model_class
 from pipeline.plan import Plan
 from pipeline.run import quantize_run
@@ -25,7 +25,7 @@ def _check_stored_once(manifest, plan: Plan, folder) -> None:
     config = AutoConfig.from_pretrained(folder)
     assert config.get_text_config().tie_word_embeddings or config.tie_word_embeddings
 
-    headers = stored_headers(folder)
+    headers = StoredTensors(folder).headers
     assert not [k for k in headers if k.startswith("lm_head.")]
     assert headers[f"{embedding.name}.weight"] == ("BF16", embedding.shape)
 

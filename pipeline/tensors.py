@@ -1,0 +1,77 @@
+"""One reader for a folder of safetensors files: every tensor's dtype and shape from the headers
+(read once, no tensor data), a tensor's data only when asked for, and why a file cannot be read.
+Export, the index check and validation all read stored tensors through it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+WEIGHT_GLOB = "*.safetensors"
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class StoredTensors:
+    """The tensors of `folder` by name. `rename` gives the name each stored key goes by here (None leaves
+    it out, e.g. the towers of a text-only build); `skip_unreadable` leaves out files that cannot be read
+    (validation names them itself: `why_unreadable`)."""
+
+    def __init__(self, folder: Path, rename: Callable[[str], str | None] | None = None, skip_unreadable: bool = False):
+        from safetensors import safe_open
+
+        self.files: dict[str, Path] = {}
+        self.headers: dict[str, tuple[str, list[int]]] = {}  # name -> (safetensors dtype, shape)
+        self._stored_as: dict[str, str] = {}
+        for path in sorted(Path(folder).glob(WEIGHT_GLOB)):
+            if skip_unreadable and why_unreadable(path):
+                continue
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    if (name := rename(key) if rename else key) is None:
+                        continue
+                    view = f.get_slice(key)
+                    self.files[name], self._stored_as[name] = path, key
+                    self.headers[name] = (view.get_dtype(), list(view.get_shape()))
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(self._stored_as[name])
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one file open at a time."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            with safe_open(path, "pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(self._stored_as[name])
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.headers[name]
+        return math.prod(shape) * DTYPE_BYTES[dtype]
+
+    def data_bytes(self) -> int:
+        """Bytes of tensor data, headers excluded."""
+        return sum(self.nbytes(name) for name in self.headers)
+
+
+def why_unreadable(path: Path) -> str | None:
+    """None if the safetensors file's header and tensor table can be read, else why not (a truncated copy)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError by cause
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
