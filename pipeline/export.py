@@ -18,8 +18,8 @@ import torch
 from pipeline.formats import COMPRESSED_TENSORS, FORMATS, kept_problems, save_packed, scheme_problems
 from pipeline.model import Source, sidecar_files
 from pipeline.plan import Plan
-from pipeline.quantize.base import Backend
 from pipeline.names import matches
+from pipeline.quantize.base import Backend
 from pipeline.recipe import Recipe
 from pipeline.rundir import FileSum
 from pipeline.tensors import WEIGHT_GLOB, StoredTensors

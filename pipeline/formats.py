@@ -167,8 +167,14 @@ def kept_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
     quantized = [m.name for m in plan.quantized]
     if fmt.name == "gptq":
         dynamic = list(qconfig.get("dynamic", {}))
-        problems = [f"{name} is kept in BF16 but no negative `dynamic` rule matches it"
-                    for name in kept_names(plan) if not (first_dynamic_rule(name, dynamic) or "").startswith("-:")]
+        problems = []
+        for name in kept_names(plan):
+            rule = first_dynamic_rule(name, dynamic)
+            if rule is None:
+                problems.append(f"{name} is kept in BF16 but no negative `dynamic` rule matches it")
+            elif not rule.startswith("-:"):
+                problems.append(f"{name} is kept in BF16 but the first `dynamic` rule matching it, {rule!r}, "
+                                "quantizes it")
         problems += [f"{name} is quantized but the `dynamic` rule {rule[2:]!r} skips it" for name in quantized
                      if (rule := first_dynamic_rule(name, dynamic)) and rule.startswith("-:")]
         return problems

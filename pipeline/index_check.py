@@ -34,11 +34,6 @@ def linear_like_modules(folder: Path) -> set[str]:
             if isinstance(module, torch.nn.Linear) or component_of(name) == "moe_experts"}
 
 
-def covered_by(name: str, ignore: list[str]) -> str | None:
-    """The ignore entry that names `name`, as compressed-tensors and vLLM read it."""
-    return first_match(name, ignore)
-
-
 def index_ignore_problems(folder: Path, ignore: list[str]) -> list[str]:
     """Unpacked floating-point Linear-like weights the ignore list misses, and packed ones it names."""
     headers = StoredTensors(folder).headers
@@ -47,11 +42,11 @@ def index_ignore_problems(folder: Path, ignore: list[str]) -> list[str]:
         unpacked = [key for key, (dtype, shape) in headers.items()
                     if key.startswith(module + ".") and "." not in key[len(module) + 1:]
                     and dtype in FLOAT_DTYPES and len(shape) >= 2 and not key.endswith(("_scale", "_zero_point"))]
-        if unpacked and f"{module}.{PACKED}" not in headers and covered_by(module, ignore) is None:
+        if unpacked and f"{module}.{PACKED}" not in headers and first_match(module, ignore) is None:
             problems.append(f"{module} is stored unpacked ({unpacked[0]}) but quantization_config.ignore does not name it")
     for key in sorted(headers):
         if key.endswith("." + PACKED):
             module = key.removesuffix("." + PACKED)
-            if (entry := covered_by(module, ignore)) is not None:
+            if (entry := first_match(module, ignore)) is not None:
                 problems.append(f"{module} is stored packed but quantization_config.ignore names it ({entry})")
     return problems

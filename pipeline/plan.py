@@ -11,8 +11,8 @@ import math
 import os
 import re
 from collections import defaultdict
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, model_validator

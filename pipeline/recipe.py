@@ -8,6 +8,7 @@ Every failure is a `RecipeError` naming the file, the key and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import os
 import reprlib
 from pathlib import Path
@@ -213,14 +214,19 @@ def calibration_mixtures() -> list[str]:
 
 def calibration_mixture(name) -> dict:
     """A mixture file's calibration keys (its `description` is for people)."""
-    path = CALIBRATION_DIR / f"{name}.yaml"
-    if not isinstance(name, str) or "/" in name or not path.is_file():
+    if not isinstance(name, str) or "/" in name or not (CALIBRATION_DIR / f"{name}.yaml").is_file():
         raise ValueError(f"no calibration mixture {shown(name)} in {CALIBRATION_DIR}; "
                          f"available: {', '.join(calibration_mixtures())}")
+    return {key: value for key, value in _mixture_file(name).items() if key != "description"}
+
+
+@functools.cache
+def _mixture_file(name: str) -> dict:
+    """Read once per process: every recipe and every manifest (whose recipe names its mixture) passes here."""
+    path = CALIBRATION_DIR / f"{name}.yaml"
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a mapping of calibration keys")
-    data.pop("description", None)
     return data
 
 

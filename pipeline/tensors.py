@@ -21,21 +21,19 @@ class StoredTensors:
     (validation names them itself: `why_unreadable`)."""
 
     def __init__(self, folder: Path, rename: Callable[[str], str | None] | None = None, skip_unreadable: bool = False):
-        from safetensors import safe_open
-
         self.files: dict[str, Path] = {}
         self.headers: dict[str, tuple[str, list[int]]] = {}  # name -> (safetensors dtype, shape)
         self._stored_as: dict[str, str] = {}
         for path in sorted(Path(folder).glob(WEIGHT_GLOB)):
-            if skip_unreadable and why_unreadable(path):
-                continue
-            with safe_open(path, "pt") as f:
-                for key in f.keys():
-                    if (name := rename(key) if rename else key) is None:
-                        continue
-                    view = f.get_slice(key)
-                    self.files[name], self._stored_as[name] = path, key
-                    self.headers[name] = (view.get_dtype(), list(view.get_shape()))
+            try:
+                headers = _headers(path)
+            except Exception:  # safetensors raises SafetensorError, OSError or ValueError by cause
+                if skip_unreadable:
+                    continue
+                raise
+            for key, header in headers.items():
+                if (name := rename(key) if rename else key) is not None:
+                    self.files[name], self._stored_as[name], self.headers[name] = path, key, header
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -64,14 +62,21 @@ class StoredTensors:
         return sum(self.nbytes(name) for name in self.headers)
 
 
-def why_unreadable(path: Path) -> str | None:
-    """None if the safetensors file's header and tensor table can be read, else why not (a truncated copy)."""
+def _headers(path: Path) -> dict[str, tuple[str, list[int]]]:
     from safetensors import safe_open
 
+    headers = {}
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            view = f.get_slice(key)
+            headers[key] = (view.get_dtype(), list(view.get_shape()))
+    return headers
+
+
+def why_unreadable(path: Path) -> str | None:
+    """None if the safetensors file's header and tensor table can be read, else why not (a truncated copy)."""
     try:
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                f.get_slice(key)
+        _headers(path)
     except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError by cause
         return f"{type(err).__name__}: {str(err)[:200]}"
     return None

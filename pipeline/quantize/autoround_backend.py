@@ -71,10 +71,10 @@ class AutoRoundRTNBackend:
         grids = {}
         for fate in plan.quantized:
             module = model.get_submodule(fate.name)
-            if (getattr(module, "bits", 16), getattr(module, "group_size", None)) != (fate.bits, fate.group_size or -1):
+            bits, group_size = getattr(module, "bits", 16), getattr(module, "group_size", None)
+            if (bits, group_size) != (fate.bits, fate.group_size or -1):
                 raise RuntimeError(f"auto-round did not quantize {fate.name} as planned (int{fate.bits}, "
-                                   f"group {fate.group_size}): it holds bits {getattr(module, 'bits', 16)}, "
-                                   f"group {getattr(module, 'group_size', None)}")
+                                   f"group {fate.group_size}): it holds bits {bits}, group {group_size}")
             grids[fate.name] = from_autoround(module.weight, module.scale, module.zp, fate.scheme, dtype)
         unplanned = sorted(name for name, module in model.named_modules()
                            if getattr(module, "bits", 16) < 16 and name not in grids)

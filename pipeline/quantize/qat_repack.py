@@ -23,7 +23,7 @@ import torch
 
 from pipeline.plan import Plan
 from pipeline.quantize.base import CalibrationData
-from pipeline.quantize.grids import QuantizedWeight, attach_grids
+from pipeline.quantize.grids import QuantizedWeight, attach_grids, save_compressed_tensors
 from pipeline.recipe import Recipe
 from pipeline.records import QuantizeReport, RepackReport
 
@@ -125,10 +125,7 @@ class QATRepackBackend:
         attach_grids(model, plan, {f.name: QuantizedWeight(f.weight, f.scale) for f in fits})
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
-        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
-
-        modify_save_pretrained(model)
-        model.save_pretrained(folder, save_compressed=True)
+        save_compressed_tensors(model, folder)
 
     def versions(self) -> dict[str, str]:
         return {pkg: version(pkg) for pkg in ("llmcompressor", "compressed-tensors")}
