@@ -37,6 +37,8 @@ class QuantizeReport(BaseModel):
     block_errors: list[BlockError] = []
     resumed_blocks: list[int] = []  # blocks read back from an interrupted run's checkpoints
     qat_repack: RepackReport | None = None
+    # ||W - Q(W)|| / ||W|| per layer type, where the run had an unquantized copy to compare with (the sweep)
+    weight_error: dict[str, float] | None = None
 
 
 class Quality(BaseModel):

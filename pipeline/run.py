@@ -17,12 +17,15 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import text_only
+from pipeline.calibration import CalibrationSet
 from pipeline.compute import computing_in, torch_dtype
-from pipeline.memory import OFFLOAD_MARKER, load_within, plan_memory, quantized_forward_per_layer, resolve_budget
+from pipeline.memory import OFFLOAD_MARKER, MemoryPlan, load_within, plan_memory, quantized_forward_per_layer, resolve_budget
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
@@ -30,7 +33,14 @@ from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_conf
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
                              RUN_FILES, ExportRecord, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
                              library_versions, write_json_atomically)
+from pipeline.records import QuantizeReport
+from pipeline.reload import ReloadReport
 from pipeline.runlock import run_lock
+
+if TYPE_CHECKING:  # torch and the passes load with the first weight, not with the CLI
+    import torch
+
+    from pipeline.quantize.base import Backend, CalibrationData
 
 log = logging.getLogger("pipeline")
 
@@ -126,7 +136,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         clear_interrupted(run_dir)
         candidate = Path(tempfile.mkdtemp(prefix=CANDIDATE, dir=run_dir))
         try:
-            _build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
+            build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
             if validate:
                 _validate_candidate(candidate, card)
             elif card:
@@ -141,82 +151,169 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
     return manifest
 
 
-def _build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
-                     reload_check: bool | None, memory: MemorySpec | None) -> None:
-    """Plan, load, quantize, export and reload-check into `candidate`, its manifest last. Calibration
-    tokens and block checkpoints go to `run_dir`, where a rerun finds them."""
-    from pipeline import reload as reloading
-    from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
-    from pipeline.formats import export_format
-    from pipeline.quantize import get_backend
+@dataclass
+class Planned:
+    """The plan stage's output: config only, no weight loaded."""
+    source: Source
+    config: object
+    plan: Plan
+    memory: MemoryPlan
 
+
+@dataclass
+class Loaded:
+    """The load stage's output: the source model and what the later checks compare against."""
+    model: object
+    tokenizer: object
+    probe: torch.Tensor  # input ids of the reload check
+    reference_logits: torch.Tensor  # the unquantized model's on the probe
+    measuring: torch.dtype  # what every measuring forward computes in
+
+
+@dataclass
+class Quantized:
+    backend: Backend
+    report: QuantizeReport
+    in_memory_logits: torch.Tensor  # the quantized model's on the probe, before export
+
+
+@dataclass
+class Exported:
+    record: ExportRecord
+    sizes: Sizes
+    copied_from_source: list[str]
+
+
+def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path) -> Planned:
+    source, config, plan = make_plan(recipe, recipe_path)
+    plan.save(candidate / PLAN)
+    memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory), recipe_path)
+    log.info("memory plan:\n%s", memory_plan.render())
+    write_json_atomically(candidate / MEMORY_PLAN, memory_plan.model_dump(mode="json"))
+    return Planned(source, config, plan, memory_plan)
+
+
+def load_stage(planned: Planned, recipe: Recipe, offload_dir: Path) -> Loaded:
+    from transformers import AutoTokenizer
+
+    from pipeline import reload as reloading
+
+    model = (text_only.load_text_model(planned.source, planned.config) if text_only.wanted(recipe)
+             else load_within(planned.memory, planned.source, planned.config, offload_dir))
+    tokenizer = AutoTokenizer.from_pretrained(planned.source.ref, revision=recipe.model.revision)
+    probe = reloading.probe_input_ids(tokenizer)
+    measuring = torch_dtype(planned.memory.compute_dtype)
+    with computing_in(model, measuring):
+        reference = reloading.logits(model, probe)
+    return Loaded(model, tokenizer, probe, reference, measuring)
+
+
+def calibration_stage(recipe: Recipe, tokenizer, run_dir: Path) -> tuple[CalibrationData, CalibrationSet]:
+    """The recipe's calibration windows, built once and kept in `run_dir`, where a rerun (or the next
+    sweep policy) finds them."""
+    from pipeline.calibration import load_or_build
+    from pipeline.quantize.base import CalibrationData
+
+    tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
+                                            f"{recipe.model.id}@{recipe.model.revision}")
+    return CalibrationData(tokens, calibration_set.sha256, run_dir), calibration_set
+
+
+def quantize_stage(loaded: Loaded, planned: Planned, recipe: Recipe, data: CalibrationData | None,
+                   reference_model=None) -> Quantized:
+    """The recipe's pass over the loaded model, in place; with `reference_model` (an unquantized copy),
+    its report also holds the relative weight error per layer type."""
+    from pipeline import reload as reloading
+    from pipeline.quantize import get_backend
+    from pipeline.quantize.grids import relative_weight_errors
+
+    backend = get_backend(recipe, loaded.tokenizer, planned.memory)
+    backend.quantize(loaded.model, planned.plan, recipe, data)
+    report = backend.report
+    if reference_model is not None:
+        report = report.model_copy(update={"weight_error": relative_weight_errors(loaded.model, reference_model,
+                                                                                  planned.plan)})
+    with (quantized_forward_per_layer(loaded.model) if planned.memory.host == "disk-offload" else nullcontext(),
+          computing_in(loaded.model, loaded.measuring)):
+        in_memory = reloading.logits(loaded.model, loaded.probe)
+    return Quantized(backend, report, in_memory)
+
+
+def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, candidate: Path) -> Exported:
+    """The quantized model as a complete export in `candidate/export`, and its per-tensor digests."""
+    from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
+
+    export = candidate / EXPORT
+    export.mkdir()
+    copied = write_export(model, quantized.backend, planned.source, recipe, planned.plan, export)
+    write_json_atomically(candidate / DIGESTS, tensor_digests(export))
+    record = ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
+                          tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest())
+    sizes = Sizes(source_bf16_bytes_estimate=planned.plan.bf16_bytes,
+                  export_weights_bytes_estimate=planned.plan.export_bytes,
+                  export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export))
+    return Exported(record, sizes, copied)
+
+
+def reload_stage(export: Path, planned: Planned, recipe: Recipe, probe: torch.Tensor, reference_logits: torch.Tensor,
+                 in_memory_logits: torch.Tensor, measuring: torch.dtype) -> ReloadReport:
+    """The written export loaded as users load it; its probe logits against the unquantized model's and
+    the in-memory quantized model's. Needs only the saved export and the two saved logit tensors."""
+    from pipeline import reload as reloading
+    from pipeline.formats import export_format
+
+    report = reloading.reload_check(export, model_class(planned.config), probe, reference_logits, in_memory_logits,
+                                    export_format(recipe.export), measuring)
+    if report.problems:
+        raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
+    return report
+
+
+def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
+                    reload_check: bool | None = None, memory: MemorySpec | None = None,
+                    reference_model=None) -> Manifest:
+    """Plan, load, quantize, export and reload-check into `candidate`, its manifest last. Calibration
+    tokens and block checkpoints go to `run_dir`, where a rerun finds them. `reference_model`: see
+    quantize_stage."""
     timer = Timer()
     with timer.stage("plan"):
-        source, config, plan = make_plan(recipe, recipe_path)
-        plan.save(candidate / PLAN)
-        memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory),
-                                  recipe_path)
-        log.info("memory plan:\n%s", memory_plan.render())
-        write_json_atomically(candidate / MEMORY_PLAN, memory_plan.model_dump(mode="json"))
+        planned = plan_stage(recipe, recipe_path, memory, candidate)
     offload_dir = run_dir / OFFLOAD
     with timer.stage("load"):
-        model = (text_only.load_text_model(source, config) if text_only.wanted(recipe)
-                 else load_within(memory_plan, source, config, offload_dir))
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
-        probe = reloading.probe_input_ids(tokenizer)
-        backend = get_backend(recipe, tokenizer, memory_plan)
-        measuring = torch_dtype(memory_plan.compute_dtype)
-        with computing_in(model, measuring):
-            reference = reloading.logits(model, probe)
+        loaded = load_stage(planned, recipe, offload_dir)
     data, calibration_set = None, None
     if recipe.calibrated:
         with timer.stage("calibration"):
-            from pipeline.calibration import load_or_build
-            from pipeline.quantize.base import CalibrationData
-
-            tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, run_dir,
-                                                    f"{recipe.model.id}@{recipe.model.revision}")
-            data = CalibrationData(tokens, calibration_set.sha256, run_dir)
-    export = candidate / EXPORT
+            data, calibration_set = calibration_stage(recipe, loaded.tokenizer, run_dir)
     try:
         with timer.stage("quantize"):
-            backend.quantize(model, plan, recipe, data)
-            with (quantized_forward_per_layer(model) if memory_plan.host == "disk-offload" else nullcontext(),
-                  computing_in(model, measuring)):
-                in_memory = reloading.logits(model, probe)
+            quantized = quantize_stage(loaded, planned, recipe, data, reference_model)
         with timer.stage("export"):
-            export.mkdir()
-            copied = write_export(model, backend, source, recipe, plan, export)
-            write_json_atomically(candidate / DIGESTS, tensor_digests(export))
-        del model
+            exported = export_stage(loaded.model, quantized, planned, recipe, candidate)
+        loaded.model = None  # the export is the model from here on
         report = None
         if recipe.reload_check if reload_check is None else reload_check:
             with timer.stage("reload_check"):
-                report = reloading.reload_check(export, model_class(config), probe, reference, in_memory,
-                                                export_format(recipe.export), measuring)
-            if report.problems:
-                raise ReloadFailed("the export does not reload correctly: " + "; ".join(report.problems))
+                report = reload_stage(candidate / EXPORT, planned, recipe, loaded.probe, loaded.reference_logits,
+                                      quantized.in_memory_logits, loaded.measuring)
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
-    Manifest(
+    manifest = Manifest(
         status="exported", created=started.isoformat(timespec="seconds"), recipe_file=str(recipe_path),
         recipe_sha256=hashlib.sha256(recipe_path.read_bytes()).hexdigest(), recipe=recipe,
-        source=SourceRecord(id=recipe.model.id, path=str(source.path) if source.path else None,
+        source=SourceRecord(id=recipe.model.id, path=str(planned.source.path) if planned.source.path else None,
                             revision=recipe.model.revision),
         algorithm=recipe.algorithm, library=recipe.runs_on, calibration=calibration_set,
-        quantize_report=backend.report,
-        versions=library_versions(), timings_s=timer.seconds, plan=PlanRecord(**plan.counts()),
-        sizes=Sizes(source_bf16_bytes_estimate=plan.bf16_bytes, export_weights_bytes_estimate=plan.export_bytes,
-                    export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export)),
-        export=ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
-                            tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest()),
-        reload=report,
-        modalities=Modalities(kept=recipe.modalities, dropped_params=text_only.dropped_towers(load_config(source))
+        quantize_report=quantized.report, versions=library_versions(), timings_s=timer.seconds,
+        plan=PlanRecord(**planned.plan.counts()), sizes=exported.sizes, export=exported.record, reload=report,
+        modalities=Modalities(kept=recipe.modalities,
+                              dropped_params=text_only.dropped_towers(load_config(planned.source))
                               if text_only.wanted(recipe) else {}),
-        memory=MemoryRecord(mode=memory_plan.mode, host=memory_plan.host, gpu=memory_plan.gpu, needs=memory_plan.needs),
-    ).save(candidate)
+        memory=MemoryRecord(mode=planned.memory.mode, host=planned.memory.host, gpu=planned.memory.gpu,
+                            needs=planned.memory.needs),
+    )
+    manifest.save(candidate)
+    return manifest
 
 
 def _validate_candidate(candidate: Path, card: bool) -> None:

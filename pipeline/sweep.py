@@ -1,7 +1,7 @@
 """Bit-width sweep: one recipe's model and algorithm under several mixed-precision policies, compared.
 
-Each policy is the recipe with another default scheme and `overrides:` rules, run through the same
-plan, quantize and export code as `quantize`; per policy the sweep measures the export's size on
+Each policy is the recipe with another default scheme and `overrides:` rules, built by the stages of
+`quantize` (run.build_candidate: staging, manifest, export and reload checks); per policy the sweep measures the export's size on
 disk, the relative weight reconstruction error ||W - Q(W)|| / ||W|| per layer type, and KL / top-1
 against the unquantized model on the recipe's held-out text (validate.py's measurement).
 
@@ -17,7 +17,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel
 
 from pipeline.recipe import Recipe, load_recipe, parse_recipe, resolve_recipe_path
@@ -104,45 +103,24 @@ def resolve_policies(names: list[str] | None, bits: list[int] | None, recipe: Re
     return list({p.name: p for p in chosen}.values())
 
 
-@torch.no_grad()
-def weight_errors(model, reference, plan) -> dict[str, float]:
-    """||W - Q(W)|| / ||W|| per layer type over every decoder linear (kept ones count as exact), with
-    Q(W) from the module's own grid as compressed-tensors stores it."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-    for m in plan.modules:
-        if m.component != "text_decoder" or m.kind != "linear":
-            continue
-        original = reference.get_submodule(m.name).weight.float()
-        error = 0.0
-        if m.quantize:
-            module = model.get_submodule(m.name)
-            args = module.quantization_scheme.weights
-            zero_point = getattr(module, "weight_zero_point", None)
-            quantized = fake_quantize(module.weight, module.weight_scale, zero_point, args).float()
-            error = (original - quantized).pow(2).sum().item()
-        for key in (m.layer_type or "decoder", "all"):
-            num[key] = num.get(key, 0.0) + error
-            den[key] = den.get(key, 0.0) + original.pow(2).sum().item()
-    return {key: (num[key] / den[key]) ** 0.5 for key in sorted(den)}
-
-
 def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | None = None,
               eval_samples: int | None = None, eval_seq_len: int | None = None) -> list[PolicyResult]:
-    """Quantize the recipe's model under each policy, measure, and write the table, JSON and plot."""
+    """Quantize the recipe's model under each policy, measure, and write the table, JSON and plot. Each
+    policy is built by quantize's own stages (run.build_candidate: plan, memory plan, load, calibration,
+    pass, export with its checks, reload check, manifest) in a folder of its own, removed once measured;
+    the calibration windows are built once, in `out_dir`."""
     import time
+    from datetime import datetime, timezone
 
     from transformers import AutoTokenizer
 
     from pipeline.compute import computing_in, host_compute_dtype, torch_dtype
     from pipeline.corpus import load_texts, token_windows
-    from pipeline.export import folder_bytes, write_export
     from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
-    from pipeline.quantize import get_backend
-    from pipeline.run import make_plan
+    from pipeline.plan import Plan
+    from pipeline.run import build_candidate, make_plan
+    from pipeline.rundir import EXPORT, PLAN
     from pipeline.validate import compare_models, load_export, measure_sizes
 
     recipe_path = resolve_recipe_path(recipe_ref)
@@ -157,32 +135,25 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
     reference = load_model(source, config).eval()
     measuring = torch_dtype(host_compute_dtype())  # the measurements only; every policy quantizes BF16 weights
-    data = _calibration(recipe, tokenizer, out_dir) if recipe.calibrated else None
     results = []
     for policy in policies:
         start = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=f".{policy.name}-", dir=out_dir))
         try:
             variant = policy_recipe(recipe, policy, work)
-            _, _, plan = make_plan(variant, f"sweep policy {policy.name}")
-            model = load_model(source, config)
-            backend = get_backend(variant, tokenizer)
-            backend.quantize(model, plan, variant, data)
-            errors = weight_errors(model, reference, plan)
-            export = work / "export"
-            write_export(model, backend, source, variant, plan, export)
-            del model
-            fmt = export_format(variant.export)
+            manifest = build_candidate(variant, recipe_path, out_dir, work, datetime.now(timezone.utc),
+                                       reference_model=reference)
+            plan, export, fmt = Plan.load(work / PLAN), work / EXPORT, export_format(variant.export)
             with computing_in(reference, measuring):
                 quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt,
                                                                                    measuring),
                                             windows, work, tokenizer, [], 1)
-            sizes = measure_sizes(export, None, plan, fmt)
             results.append(PolicyResult(
                 policy=policy.name, description=policy.description,
                 mix={scheme.label: len(names) for scheme, names in plan.schemes().items()},
-                weights_bytes=folder_bytes(export, "*.safetensors"), source_bytes=plan.bf16_bytes,
-                bits_per_quantized_param=sizes.bits_per_quantized_param, weight_error=errors,
+                weights_bytes=manifest.sizes.export_weights_bytes, source_bytes=plan.bf16_bytes,
+                bits_per_quantized_param=measure_sizes(export, None, plan, fmt).bits_per_quantized_param,
+                weight_error=manifest.quantize_report.weight_error,
                 kl_mean=quality.kl_mean, kl_p99=quality.kl_p99, top1_agreement=quality.top1_agreement,
                 ppl_ratio=quality.ppl_ratio, seconds=round(time.perf_counter() - start, 1),
             ))
@@ -192,15 +163,6 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
             shutil.rmtree(work, ignore_errors=True)
     write_results(out_dir, recipe, spec, results)
     return results
-
-
-def _calibration(recipe: Recipe, tokenizer, out_dir: Path):
-    from pipeline.calibration import load_or_build
-    from pipeline.quantize.base import CalibrationData
-
-    tokens, calibration_set = load_or_build(recipe.calibration, tokenizer, out_dir,
-                                            f"{recipe.model.id}@{recipe.model.revision}")
-    return CalibrationData(tokens, calibration_set.sha256, out_dir)
 
 
 def layer_types(results: list[PolicyResult]) -> list[str]:

@@ -98,3 +98,28 @@ def save_compressed_tensors(model, folder: Path) -> None:
 
     modify_save_pretrained(model)
     model.save_pretrained(folder, save_compressed=True)
+
+
+@torch.no_grad()
+def relative_weight_errors(model, reference, plan: Plan) -> dict[str, float]:
+    """||W - Q(W)|| / ||W|| per layer type (and "all") over every decoder linear, kept ones counting as
+    exact, with Q(W) from the module's attached grid as compressed-tensors stores it and W from
+    `reference`, an unquantized copy of the model."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for m in plan.modules:
+        if m.component != "text_decoder" or m.kind != "linear":
+            continue
+        original = reference.get_submodule(m.name).weight.float()
+        error = 0.0
+        if m.quantize:
+            module = model.get_submodule(m.name)
+            quantized = fake_quantize(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
+                                      module.quantization_scheme.weights).float()
+            error = (original - quantized).pow(2).sum().item()
+        for key in (m.layer_type or "decoder", "all"):
+            num[key] = num.get(key, 0.0) + error
+            den[key] = den.get(key, 0.0) + original.pow(2).sum().item()
+    return {key: (num[key] / den[key]) ** 0.5 for key in sorted(den)}
