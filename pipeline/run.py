@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from pipeline import text_only
 from pipeline.calibration import CalibrationSet
 from pipeline.compute import computing_in, torch_dtype
-from pipeline.memory import OFFLOAD_MARKER, MemoryPlan, load_within, plan_memory, quantized_forward_per_layer, resolve_budget
+from pipeline.memory import (OFFLOAD_MARKER, MemoryPlan, load_within, plan_memory, quantized_forward_per_layer,
+                             resolve_budget)
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
@@ -181,7 +182,6 @@ class Quantized:
 class Exported:
     record: ExportRecord
     sizes: Sizes
-    copied_from_source: list[str]
 
 
 def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path) -> Planned:
@@ -252,7 +252,7 @@ def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, 
     sizes = Sizes(source_bf16_bytes_estimate=planned.plan.bf16_bytes,
                   export_weights_bytes_estimate=planned.plan.export_bytes,
                   export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export))
-    return Exported(record, sizes, copied)
+    return Exported(record, sizes)
 
 
 def reload_stage(export: Path, planned: Planned, recipe: Recipe, probe: torch.Tensor, reference_logits: torch.Tensor,

@@ -1,9 +1,10 @@
 """Bit-width sweep: one recipe's model and algorithm under several mixed-precision policies, compared.
 
 Each policy is the recipe with another default scheme and `overrides:` rules, built by the stages of
-`quantize` (run.build_candidate: staging, manifest, export and reload checks); per policy the sweep measures the export's size on
-disk, the relative weight reconstruction error ||W - Q(W)|| / ||W|| per layer type, and KL / top-1
-against the unquantized model on the recipe's held-out text (validate.py's measurement).
+`quantize` (run.build_candidate: staging, manifest, export and reload checks); per policy the sweep
+measures the export's size on disk, the relative weight reconstruction error ||W - Q(W)|| / ||W|| per
+layer type, and KL / top-1 against the unquantized model on the recipe's held-out text (validate.py's
+measurement).
 
 runs/<recipe>/sweep/{sweep.md, sweep.json, sweep.png}
 """

@@ -66,7 +66,8 @@ def test_reload_stage_from_the_saved_export_and_logits(stages):
     assert report.vs_in_memory.kl_mean < RELOAD_KL_LIMIT
     assert report.vs_unquantized.kl_mean > report.vs_in_memory.kl_mean  # the reference is not the quantized model
     # Logits that are not the quantized model's (its own, vocabulary shuffled) are caught.
-    wrong = saved["in_memory"][..., torch.randperm(saved["in_memory"].shape[-1], generator=torch.Generator().manual_seed(0))]
+    shuffle = torch.randperm(saved["in_memory"].shape[-1], generator=torch.Generator().manual_seed(0))
+    wrong = saved["in_memory"][..., shuffle]
     with pytest.raises(ReloadFailed, match="reloaded logits differ from the in-memory quantized model"):
         reload_stage(candidate / EXPORT, planned, recipe, saved["probe"], saved["reference"], wrong,
                      saved["measuring"])
