@@ -65,9 +65,10 @@ def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
     if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
         return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}), "
                 f"for the FP8 KV-cache scales only; the weights are round-to-nearest")
-    settings = recipe.algorithm_options.describe()
+    options = recipe.algorithm_options
+    settings = f"{options.describe()}; " if options else ""
     return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}); "
-            f"{settings}; every decoder block calibrated on its own PLE slice, rotary embedding and same-batch shared K/V")
+            f"{settings}every decoder block calibrated on its own PLE slice, rotary embedding and same-batch shared K/V")
 # vLLM and SGLang reserve KV cache for the whole context length; the configs allow 128K-256K, which
 # rarely fits beside the weights on one GPU. The snippets start here; the card says how far it goes.
 SUGGESTED_CONTEXT = 8192

@@ -483,6 +483,10 @@ class Recipe(_Strict):
         if self.library and self.library not in self.algorithm_spec.libraries:
             raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(self.algorithm_spec.libraries)}, "
                             f"not {self.library}")
+        searched = self.algorithm == "opt-rtn" or (self.algorithm == "gptq" and self.gptq.grid == "imatrix")
+        if searched and (not self.symmetric or any(rule.symmetric is False for rule in self.overrides)):
+            raise _KeyError("symmetric", "the importance-weighted scale search (opt-rtn, gptq grid: imatrix) is "
+                            "symmetric only; use symmetric: true, or algorithm: gptq with gptq: {grid: minmax}")
         if self.kv_cache and self.export != "compressed-tensors":
             raise _KeyError("kv_cache", "FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
                             "--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")

@@ -16,7 +16,7 @@ def test_the_recipe_accepts_exactly_the_registered_algorithms():
     assert set(typing.get_args(Recipe.model_fields["algorithm"].annotation)) == set(ALGORITHMS)
     with pytest.raises(RecipeError) as err:
         parse_recipe({"name": "r", "model": "tiny:e2b", "scheme": "W4A16", "algorithm": "awq"}, source="r.yaml")
-    assert err.value.key == "algorithm" and "allowed: 'rtn', 'autoround', 'gptq' or 'qat-repack'" in str(err.value)
+    assert err.value.key == "algorithm" and "allowed: 'rtn', 'autoround', 'gptq', 'opt-rtn' or 'qat-repack'" in str(err.value)
 
 
 @pytest.mark.parametrize(("name", "library"), [(a.name, lib) for a in ALGORITHMS.values() for lib in a.libraries])

@@ -93,7 +93,8 @@ def test_each_block_is_calibrated_on_what_it_sees_in_the_full_model(variant, com
 
 
 @pytest.mark.parametrize("algorithm, options", [("autoround", {"autoround": {"iters": 16, "batch_size": 3}}),
-                                                ("gptq", {})])
+                                                ("gptq", {}), ("gptq", {"gptq": {"grid": "imatrix"}}),
+                                                ("opt-rtn", {})])
 def test_calibrated_blocks_beat_rtn(algorithm, options, tmp_path):
     recipe, plan, model, tokens = _setup("31b", algorithm, **options)
     result = blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha")
@@ -128,7 +129,7 @@ def test_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeyp
     assert all(torch.equal(resumed[n].weight, complete[n].weight) for n in complete)
 
 
-@pytest.mark.parametrize("algorithm", ["autoround", "gptq"])
+@pytest.mark.parametrize("algorithm", ["autoround", "gptq", "opt-rtn"])
 def test_calibrated_export_reloads_and_validates(algorithm, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"model: tiny:e2b\nscheme: W4A16\nalgorithm: {algorithm}\n"

@@ -218,6 +218,26 @@ def rtn_qparams(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tenso
     return calculate_qparams(groups.amin(-1), groups.amax(-1), weight_args(scheme))
 
 
+def searched_qparams(weight: torch.Tensor, scheme: WeightScheme,
+                     importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """auto-round's optimized-RTN scale per group or channel (llama.cpp's `make_qx_quants` search over
+    scales around max|w| / 2^(b-1)), minimising the reconstruction error weighted per input channel by
+    `importance`, the calibration activations' mean square (llama.cpp's imatrix). Symmetric only; the
+    scale is signed, so a group's largest-magnitude weight lands on the -2^(b-1) end, as in auto-round
+    and llama.cpp. Returned rounded to the weight's dtype, the scale compressed-tensors will store, with
+    compressed-tensors' zero point."""
+    from auto_round.data_type.int import quant_tensor_opt_rtn_sym
+
+    if not scheme.symmetric:
+        raise ValueError("the importance-weighted scale search is symmetric only (auto-round's "
+                         "quant_tensor_opt_rtn_sym)")
+    rows = weight.shape[0]
+    _, scale, _ = quant_tensor_opt_rtn_sym(weight.float(), bits=scheme.bits, group_size=scheme.group_size or -1,
+                                           imatrix=importance.float())
+    scale = scale.reshape(rows, -1).to(weight.dtype)
+    return scale, torch.zeros(scale.shape, dtype=torch.int8)
+
+
 _AUTOROUND_ATTRS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type", "act_sym", "act_dynamic",
                     "scale_dtype", "scale", "zp", "iters", "w_zp", "w_scale", "tuning_device")
 
@@ -297,20 +317,16 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
 
 
 @torch.no_grad()
-def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
-               fp_out: list[torch.Tensor], recipe: Recipe,
-               schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
-    """llmcompressor's GPTQ solver on one block, with Hessians from the quantized chain's inputs."""
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
-
-    hessians = {name: make_empty_hessian(module) for name, module in targets.items()}
-    counts = {name: torch.zeros(()) for name in targets}
+def input_statistics(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+                     accumulate, start) -> dict:
+    """Per target, `accumulate(x, module, state)` folded over every input the target sees when the
+    quantized chain runs through the block (the inputs GPTQ's Hessian and the imatrix are taken on)."""
+    state = {name: start(module) for name, module in targets.items()}
 
     def hook(name):
-        def accumulate(module, args):
-            hessians[name], counts[name] = accumulate_hessian(args[0], module, hessians[name], counts[name])
-        return accumulate
+        def observe(module, args):
+            state[name] = accumulate(args[0], module, state[name])
+        return observe
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets.items()]
     try:
@@ -320,12 +336,55 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
     finally:
         for handle in handles:
             handle.remove()
+    return state
+
+
+def _sum_of_squares(x: torch.Tensor, module, state):
+    total, count = state
+    rows = x.detach().float().reshape(-1, x.shape[-1])
+    return total + rows.pow(2).sum(0), count + rows.shape[0]
+
+
+@torch.no_grad()
+def opt_rtn_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+                  fp_out: list[torch.Tensor], recipe: Recipe,
+                  schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
+    """auto-round's optimized RTN on one block: each weight rounded on the scale that minimises its
+    reconstruction error weighted by the mean square of the inputs it receives in the quantized chain."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    stats = input_statistics(layer, targets, index, cal, _sum_of_squares,
+                             lambda m: (torch.zeros(m.in_features, device=m.weight.device), 0))
     results = {}
     for name, module in targets.items():
+        total, count = stats[name]
+        scale, zero_point = searched_qparams(module.weight.data, schemes[name], total / max(count, 1))
+        module.weight.data = fake_quantize(module.weight.data, scale, zero_point, weight_args(schemes[name]))
+        results[name] = QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+    return results
+
+
+@torch.no_grad()
+def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
+               fp_out: list[torch.Tensor], recipe: Recipe,
+               schemes: dict[str, WeightScheme]) -> dict[str, QuantizedWeight]:
+    """llmcompressor's GPTQ solver on one block, with Hessians from the quantized chain's inputs, on
+    the recipe's starting grid: compressed-tensors' min/max, or the importance-weighted scale search
+    with the Hessian's diagonal as the importance."""
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    stats = input_statistics(layer, targets, index, cal, lambda x, m, s: accumulate_hessian(x, m, *s),
+                             lambda m: (make_empty_hessian(m), torch.zeros(())))
+    results = {}
+    for name, module in targets.items():
+        hessian, count = stats[name]
+        hessian = hessian / count
         args = weight_args(schemes[name]).model_copy(update={"actorder": recipe.gptq.actorder})
-        scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
+        scale, zero_point = (searched_qparams(module.weight.data, schemes[name], torch.diagonal(hessian))
+                             if recipe.gptq.grid == "imatrix" else rtn_qparams(module.weight.data, schemes[name]))
         quantized, _, _ = quantize_weight(
-            weights=module.weight.data.float().unsqueeze(0), hessians=(hessians[name] / counts[name]).unsqueeze(0),
+            weights=module.weight.data.float().unsqueeze(0), hessians=hessian.unsqueeze(0),
             scale=scale.unsqueeze(0), zero_point=zero_point.unsqueeze(0), global_scale=None, quant_args=args,
             blocksize=recipe.gptq.block_size, percdamp=recipe.gptq.dampening,
         )
@@ -334,7 +393,7 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
     return results
 
 
-BLOCK_SOLVERS = {"autoround": autoround_block, "gptq": gptq_block}  # the calibrated algorithms the driver runs
+BLOCK_SOLVERS = {"autoround": autoround_block, "gptq": gptq_block, "opt-rtn": opt_rtn_block}  # the calibrated algorithms the driver runs
 
 
 def chain_error(cal: Calibration) -> float:
@@ -373,7 +432,7 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
 def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
-                "options": recipe.algorithm_options.model_dump(), "calibration": calibration_sha}
+                "options": recipe.algorithm_options and recipe.algorithm_options.model_dump(), "calibration": calibration_sha}
     if recipe.overrides:  # only then: keys of recipes without overrides stay as they were
         settings["overrides"] = [rule.model_dump() for rule in recipe.overrides]
     if recipe.quantize_experts:
