@@ -13,7 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 VARIANTS = ["e2b", "e4b", "31b", "26b-a4b"]
-SLOW_TIMEOUT_S = 2400  # the tuned 270M test took 967-1886 s on 2 cores without bf16: only a hang should reach this
+SLOW_TIMEOUT_S = 2400  # the slowest real-weight test takes minutes: only a hang should reach this
 
 
 def pytest_collection_modifyitems(items):

@@ -38,9 +38,13 @@ def test_w8a16_rtn_is_near_lossless(tmp_path):
     assert "100" in water["reference"] and "100" in water["quantized"]
 
 
-def test_w4a16_autoround_beats_rtn_on_held_out_kl(tmp_path):
+def test_w4a16_opt_rtn_beats_rtn_on_held_out_kl(tmp_path):
+    """A calibrated 4-bit pass end to end on real weights (block driver, export, reload, validation);
+    how each calibrated algorithm compares with the libraries' own loops is tests/test_parity_270m.py."""
     held_out = {"samples": 8, "seq_len": 512, "max_new_tokens": 8}
     rtn = _run("gemma3-270m-w4a16", tmp_path, eval=held_out)["quality"]
-    tuned = _run("gemma3-270m-w4a16-autoround", tmp_path, eval=held_out)["quality"]
-    assert tuned["kl_mean"] < 0.9 * rtn["kl_mean"], (tuned, rtn)
-    assert tuned["top1_agreement"] > rtn["top1_agreement"]
+    searched = _run("gemma3-270m-w4a16-opt-rtn", tmp_path, eval=held_out)
+    assert searched["passed"], searched["gates"]
+    quality = searched["quality"]
+    assert quality["kl_mean"] < 0.6 * rtn["kl_mean"], (quality, rtn)
+    assert quality["top1_agreement"] > rtn["top1_agreement"] + 0.05

@@ -28,7 +28,7 @@ _AUTOROUND_ATTRIBUTES = ("scale", "zp", "bits", "group_size", "sym", "data_type"
 
 
 @contextmanager
-def _work_space():
+def auto_round_scope():
     """auto-round writes scratch files to ./ar_work_space unless told otherwise, and its constructor
     turns torch's deterministic mode on for the whole process and never back (auto_round
     compressors/base.py): both are put back as they were."""
@@ -64,7 +64,7 @@ class AutoRoundRTNBackend:
         # after (buffers such as the rotary frequencies stay float32), new ones (unfused experts) to `dtype`.
         dtype = next(model.parameters()).dtype
         dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
-        with _work_space():
+        with auto_round_scope():
             rounder = AutoRound(model, tokenizer=self.tokenizer, bits=default.bits, group_size=default.group_size or -1,
                                 sym=default.symmetric, iters=0, disable_opt_rtn=True, layer_config=layers)
             model, _ = rounder.quantize()
