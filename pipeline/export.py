@@ -22,6 +22,7 @@ from pipeline.names import matches
 from pipeline.quantize.base import Backend
 from pipeline.recipe import Recipe
 from pipeline.rundir import FileSum
+from pipeline.tables import kept_untied, write_tie_flags
 from pipeline.tensors import WEIGHT_GLOB, StoredTensors
 
 SIZE_TOLERANCE = 0.02  # the plan counts tensor data exactly; the margin is for layouts it rounds
@@ -38,7 +39,9 @@ def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: 
     if recipe.export == COMPRESSED_TENSORS:
         if wanted(recipe):
             detach_from_source_config(model)
-        backend.save(model, folder, recipe)
+        with kept_untied(plan):
+            backend.save(model, folder, recipe)
+        write_tie_flags(folder, plan)
         add_missing_ignores(folder, plan)
     else:
         save_packed(model, plan, recipe, folder)

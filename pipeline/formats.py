@@ -187,15 +187,18 @@ def kept_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
     raise ValueError(f"no packed layout for {fmt.name}")
 
 
-def written_scheme(qconfig: dict, fmt: ExportFormat, name: str) -> WeightScheme | None:
+def written_scheme(qconfig: dict, fmt: ExportFormat, name: str, linear: bool = True) -> WeightScheme | None:
     """The weight scheme a loader reads from the written `quantization_config` for module `name` (None:
     kept unquantized), with the matching rules of the loaders of each format: compressed-tensors'
     config-group targets (class `Linear`, a name, or `re:` by its own matcher), GPTQ's `dynamic` rules
     (the first matching rule wins), auto-round's `extra_config` by name (pipeline/names.py).
     Raises KeyError, TypeError or ValueError on a config that does not say."""
     if fmt.name == COMPRESSED_TENSORS:
-        groups = [g for g in qconfig.get("config_groups", {}).values()
-                  if any(t == "Linear" or matches(name, t) for t in g.get("targets", []))]
+        # A target naming the module wins over the class target, as compressed-tensors and vLLM match;
+        # the class target `Linear` does not cover the embedding tables.
+        all_groups = list(qconfig.get("config_groups", {}).values())
+        groups = ([g for g in all_groups if any(t != "Linear" and matches(name, t) for t in g.get("targets", []))]
+                  or [g for g in all_groups if linear and "Linear" in g.get("targets", [])])
         if not groups or not groups[0].get("weights"):
             return None
         weights = groups[0]["weights"]
@@ -221,10 +224,10 @@ def scheme_problems(qconfig: dict, plan: Plan, fmt: ExportFormat) -> list[str]:
     """Every quantized module's scheme as the written config gives it against the plan's for that module:
     a config that says another group size or bit width makes every loader read the integers wrongly."""
     problems = []
-    for module in plan.quantized:
+    for module in plan.quantized + plan.tables:
         planned = module.scheme
         try:
-            written = written_scheme(qconfig, fmt, module.name)
+            written = written_scheme(qconfig, fmt, module.name, module.kind == "linear")
         except (KeyError, TypeError, ValueError) as err:
             problems.append(f"{module.name}: quantization_config's scheme for it cannot be read "
                             f"({type(err).__name__}: {str(err)[:200]})")

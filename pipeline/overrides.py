@@ -60,6 +60,14 @@ def default_scheme(recipe: Recipe) -> WeightScheme:
     return WeightScheme(bits=recipe.bits, group_size=recipe.group_size, symmetric=recipe.symmetric)
 
 
+def table_scheme(value: str) -> WeightScheme | None:
+    """A recipe's `embeddings:` value (bf16, int8, int4-g<N>) as a scheme; None for bf16."""
+    if value == "bf16":
+        return None
+    bits, _, group = value.removeprefix("int").partition("-g")
+    return WeightScheme(bits=int(bits), group_size=int(group) if group else None, symmetric=True)
+
+
 def selects(rule: Override, m: Selectable) -> bool:
     if m.kind != "linear" or m.component not in OVERRIDABLE:
         return False

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, model_validator
 
 from pipeline.names import first_match, matches
-from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
+from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve, table_scheme
 from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, shown
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
@@ -75,6 +75,8 @@ _COMPONENT_RULES: list[tuple[str, str]] = [
     (r"\.experts$", "moe_experts"),
     (r"(^|\.)layers\.\d+\.(self_attn|mlp)\.", "text_decoder"),
 ]
+# The token tables a recipe's `embeddings:` block stores (pipeline/tables.py), by its keys.
+TABLES = {"per_layer": "embed_tokens_per_layer", "tokens": "embed_tokens", "lm_head": "lm_head"}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:language_model\.|model\.)layers\.(\d+)\.")
 
 
@@ -104,6 +106,11 @@ class ModuleFate(BaseModel):
         return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric) \
             if self.quantize else None
 
+    @property
+    def table(self) -> str | None:
+        """The `embeddings:` key of a token table (per_layer, tokens, lm_head); None for other modules."""
+        return table_key(self.name)
+
 
 class Plan(BaseModel):
     model_id: str
@@ -124,7 +131,19 @@ class Plan(BaseModel):
 
     @property
     def quantized(self) -> list[ModuleFate]:
-        return [m for m in self.modules if m.quantize]
+        """What the quantize pass quantizes: every quantized module but the token tables."""
+        return [m for m in self.modules if m.quantize and m.table is None]
+
+    @property
+    def tables(self) -> list[ModuleFate]:
+        """The quantized token tables, which the export step quantizes (pipeline/tables.py)."""
+        return [m for m in self.modules if m.quantize and m.table is not None]
+
+    @property
+    def untied(self) -> bool:
+        """The source ties lm_head to embed_tokens and the export stores them apart (one is quantized)."""
+        return any(m.table in ("tokens", "lm_head") for m in self.tables) and any(
+            m.table == "lm_head" and m.tied_to for m in self.modules)
 
     @property
     def default_scheme(self) -> WeightScheme:
@@ -177,6 +196,12 @@ class Plan(BaseModel):
         return names
 
     @property
+    def pass_ignore(self) -> list[str]:
+        """What the quantize pass skips: the export's ignore list and the quantized head, which the
+        export step quantizes with the other tables."""
+        return self.ignore + [m.name for m in self.tables if m.kind == "linear"]
+
+    @property
     def bf16_bytes(self) -> int:
         return sum(m.bf16_bytes for m in self.modules) + 2 * self.other_params
 
@@ -218,7 +243,8 @@ class Plan(BaseModel):
 
     def counts(self) -> dict[str, int]:
         linears = [m for m in self.modules if m.kind == "linear"]
-        return {"linear": len(linears), "quantized": len(self.quantized), "kept": len(linears) - len(self.quantized)}
+        quantized = sum(m.quantize for m in linears)
+        return {"linear": len(linears), "quantized": quantized, "kept": len(linears) - quantized}
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp")  # replaced in one rename: never a half-written plan
@@ -228,6 +254,11 @@ class Plan(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.model_validate_json(Path(path).read_text())
+
+
+def table_key(name: str) -> str | None:
+    leaf = name.rsplit(".", 1)[-1]
+    return next((key for key, table in TABLES.items() if leaf == table), None)
 
 
 def component_of(name: str) -> str:
@@ -304,6 +335,34 @@ def _per_expert_fates(name: str, experts, layer_types: list[str]) -> list[Module
             for index in range(num_experts) for proj, shape in shapes.items()]
 
 
+def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) -> None:
+    """The recipe's `embeddings:` scheme for each token table, refused where the model has no such table
+    or the group size does not divide its rows; a source-tied head stored apart counts in full."""
+    tables = {m.table: m for m in fates if m.table is not None}
+    problems = []
+    for key in TABLES:
+        scheme = table_scheme(getattr(recipe.embeddings, key))
+        if scheme is None:
+            continue
+        m = tables.get(key)
+        if m is None:
+            problems.append((f"embeddings.{key}", f"{recipe.model.id} has no {TABLES[key]} table; allowed: bf16"))
+        elif scheme.group_size and m.shape[1] % scheme.group_size:
+            divisible = [g for g in (32, 64, 128) if m.shape[1] % g == 0]
+            problems.append((f"embeddings.{key}", f"group {scheme.group_size} does not divide {m.name}'s rows of "
+                             f"{m.shape[1]}; allowed: bf16, int8{''.join(f', int4-g{g}' for g in divisible)}"))
+        else:
+            m.quantize, m.kept_because = True, None
+            m.bits, m.group_size, m.symmetric = scheme.bits, scheme.group_size, scheme.symmetric
+            m.reason = f"table {scheme.label}" + (" (untied)" if m.tied_to else "")
+            m.export_bytes = quantized_bytes(m.shape[0], m.shape[1], scheme.bits, scheme.group_size, True)
+    RecipeError.collect(source, problems)
+    head = tables.get("lm_head")
+    if recipe.embeddings.untied and head is not None and head.tied_to and not head.quantize:
+        head.export_bytes = 2 * head.params
+        head.reason = f"{Kept.LM_HEAD}: untied from the quantized {head.tied_to}, stored BF16"
+
+
 def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe>") -> Plan:
     """Every module's fate; `source` (the recipe file) names where an `overrides:` rule that does
     not fit this model came from."""
@@ -365,6 +424,7 @@ def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe
                                               recipe.export)
                               + 2 * (m.params - m.shape[0] * m.shape[1]))
 
+    _plan_tables(recipe, fates, source)
     other = sum(p.numel() for p in meta_model.parameters() if id(p) not in covered)
     # Persistent buffers are saved in the checkpoint too (e.g. the vision/audio clip bounds).
     other += sum(b.numel() for module in meta_model.modules()

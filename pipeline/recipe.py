@@ -38,6 +38,9 @@ PLE = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projecti
 SUBMODULE_GROUPS = {"attention": ATTENTION, "mlp": MLP, "ple": PLE}
 SUBMODULES = (*ATTENTION, *MLP, *PLE)
 QAT_GROUP_SIZE = 32  # Google's q4_0 QAT grid: one scale per 32 weights
+# How a token table is stored: BF16, int8 with one scale per row, or int4 with one scale per group of
+# a row; always symmetric (vLLM's packed-embedding kernel reads no zero point, see the notes).
+TableScheme = Literal["bf16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 
 
 GEMMA3_270M = "gguf:gemma3-270m"
@@ -288,6 +291,24 @@ class HubSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+class EmbeddingsSpec(_Strict):
+    """The token tables (pipeline/tables.py): `per_layer` is Gemma 4 E-models' Per-Layer-Embedding
+    table (`embed_tokens_per_layer`), `tokens` the input table (`embed_tokens`), `lm_head` the output
+    head. A quantized `tokens` or `lm_head` unties the two: the export stores its own head."""
+
+    per_layer: TableScheme = "bf16"
+    tokens: TableScheme = "bf16"
+    lm_head: TableScheme = "bf16"
+
+    @property
+    def quantized(self) -> bool:
+        return any(value != "bf16" for value in (self.per_layer, self.tokens, self.lm_head))
+
+    @property
+    def untied(self) -> bool:
+        return self.tokens != "bf16" or self.lm_head != "bf16"
+
+
 class Override(_Strict):
     """One `overrides:` rule: which modules (every selection key given must match) and what to set.
     Rules apply in order, later rules win; modules no rule selects keep the recipe's scheme.
@@ -422,6 +443,7 @@ class Recipe(_Strict):
     gates: Gates = Field(default_factory=Gates)
     hub: HubSpec = Field(default_factory=HubSpec)
     overrides: list[Override] = Field(default_factory=list)  # per-module bits/group/symmetric/skip
+    embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
 
     @field_validator("model", mode="before")
@@ -487,6 +509,10 @@ class Recipe(_Strict):
         if searched and (not self.symmetric or any(rule.symmetric is False for rule in self.overrides)):
             raise _KeyError("symmetric", "the importance-weighted scale search (opt-rtn, gptq grid: imatrix) is "
                             "symmetric only; use symmetric: true, or algorithm: gptq with gptq: {grid: minmax}")
+        if self.embeddings.quantized and self.export != "compressed-tensors":
+            raise _KeyError("embeddings", f"quantized token tables are stored as compressed-tensors' packed "
+                            f"embeddings, the layout vLLM reads; the {self.export} format has none: use export: "
+                            "compressed-tensors, or keep every table bf16")
         if self.kv_cache and self.export != "compressed-tensors":
             raise _KeyError("kv_cache", "FP8 KV-cache scales are exported in compressed-tensors only (vLLM's "
                             "--kv-cache-dtype fp8 reads them there); use export: compressed-tensors")

@@ -75,8 +75,16 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> LogitComparison
 
 
 def load_quantized(model_cls, folder: Path, fmt: ExportFormat, dtype: torch.dtype = torch.bfloat16):
-    """The export loaded as users load its format, computing in `dtype`; with transformers' load report."""
-    return model_cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **fmt.load_kwargs())
+    """The export loaded as users load its format, computing in `dtype`; with transformers' load report,
+    less the keys it derives itself (pipeline/tables.py)."""
+    from pipeline.tables import derived_on_load, loading_packed_tables
+    from pipeline.tensors import StoredTensors
+
+    with loading_packed_tables():
+        model, info = model_cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **fmt.load_kwargs())
+    stored = set(StoredTensors(folder).headers)
+    info["missing_keys"] = [k for k in info.get("missing_keys", []) if not derived_on_load(k, stored)]
+    return model, info
 
 
 def reload_check(folder: Path, model_cls, input_ids, reference: torch.Tensor, in_memory: torch.Tensor,

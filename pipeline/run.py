@@ -37,6 +37,7 @@ from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, 
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
 from pipeline.runlock import run_lock
+from pipeline.tables import quantize_tables
 
 if TYPE_CHECKING:  # torch and the passes load with the first weight, not with the CLI
     import torch
@@ -229,6 +230,7 @@ def quantize_stage(loaded: Loaded, planned: Planned, recipe: Recipe, data: Calib
 
     backend = get_backend(recipe, loaded.tokenizer, planned.memory)
     backend.quantize(loaded.model, planned.plan, recipe, data)
+    quantize_tables(loaded.model, planned.plan)
     report = backend.report
     if reference_model is not None:
         report = report.model_copy(update={"weight_error": relative_weight_errors(loaded.model, reference_model,

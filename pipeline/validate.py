@@ -37,6 +37,7 @@ from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, P
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
 from pipeline.tensors import StoredTensors, why_unreadable
+from pipeline.tables import table_problems
 
 KV_SCALES = ("k_scale", "v_scale")  # static FP8 KV-cache scales on attention modules (recipe kv_cache: fp8)
 
@@ -131,6 +132,8 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
     src, out = StoredTensors(source_dir, source_rename, skip_unreadable=True), StoredTensors(export, skip_unreadable=True)
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
+    # The token tables and an untied head are checked against their source table (pipeline/tables.py).
+    tables = {m.name for m in plan.tables} | {m.name for m in plan.modules if plan.untied and m.table == "lm_head"}
     problems, identical, stored_packed = [], 0, 0
 
     def where(name: str) -> str:
@@ -145,6 +148,8 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
         stored = out.get(key)
         if digests is not None and key in digests and tensor_digest(stored) != digests[key]:
             problems.append(f"{where(owner)}: tensor {key} changed since the export was written")
+        if owner in tables:
+            continue
         if owner in quantized and leaf in fmt.module_tensors:
             packed_dtypes[owner] = stored.dtype if leaf == fmt.packed_weight else packed_dtypes.get(owner)
         elif kv_scales and leaf in KV_SCALES and f"{owner}.k_proj.weight" in src.files:
@@ -170,8 +175,12 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
     unfused = {f"{match[1]}.{fused_key}" for key in out.files if (match := _EXPERT_OWNER.match(key.rpartition(".")[0]))
                for fused_key in ("gate_up_proj", "down_proj")}
     problems += [f"{where(key.rpartition('.')[0])}: tensor {key} is missing from the export"
-                 for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized
+                 for key in src.files if key not in out.files and key.rpartition(".")[0] not in quantized | tables
                  and key not in unfused]
+    if table_wrong := table_problems(out, src, plan):
+        problems += table_wrong
+    else:
+        stored_packed += len(plan.tables)
     for name in sorted(quantized):
         keys = {k.rpartition(".")[2] for k in out.files if k.rpartition(".")[0] == name}
         if "weight" in keys or fmt.packed_weight not in keys or not keys & {"weight_scale", "scales"}:
@@ -193,13 +202,13 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
 
 def measure_sizes(export: Path, source_dir: Path | None, plan: Plan, fmt: ExportFormat) -> MeasuredSizes:
     out = StoredTensors(export, skip_unreadable=True)
-    quantized = {m.name for m in plan.quantized}
+    quantized = {m.name for m in plan.quantized + plan.tables}
     per_module = defaultdict(int)
     for key in out.files:
         owner, _, leaf = key.rpartition(".")
         if owner in quantized and leaf in fmt.module_tensors:
             per_module[owner] += out.nbytes(key)
-    quantized_params = sum(m.params for m in plan.quantized)
+    quantized_params = sum(m.params for m in plan.quantized + plan.tables)
     quantized_bytes = sum(per_module.values())
     source_bytes = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) if source_dir else 0
     export_weights = sum(p.stat().st_size for p in export.glob("*.safetensors"))

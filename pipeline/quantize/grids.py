@@ -76,7 +76,7 @@ def attach_grids(model, plan: Plan, grids: dict[str, QuantizedWeight]) -> None:
     scales, so the compressor packs exactly the algorithm's integers."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
-    config = QuantizationConfig(config_groups=config_groups(plan), ignore=plan.ignore,
+    config = QuantizationConfig(config_groups=config_groups(plan), ignore=plan.pass_ignore,
                                 quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, config, show_progress=False)
     for name, grid in grids.items():

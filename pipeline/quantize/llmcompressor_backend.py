@@ -63,7 +63,7 @@ class LLMCompressorBackend:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         kv_scheme = kv_cache_scheme(recipe)
-        modifier = QuantizationModifier(config_groups=config_groups(plan), ignore=plan.ignore,
+        modifier = QuantizationModifier(config_groups=config_groups(plan), ignore=plan.pass_ignore,
                                         kv_cache_scheme=kv_scheme)
         calibration = {}
         if kv_scheme is not None:
