@@ -47,15 +47,6 @@ def untie_head(model) -> None:
     model.config.get_text_config().tie_word_embeddings = False
 
 
-def table_scales(weight: torch.Tensor, fate: ModuleFate) -> torch.Tensor:
-    """compressed-tensors' symmetric min/max scale [rows, groups] of a table, in the table's dtype."""
-    from pipeline.quantize.blockwise import rtn_qparams
-
-    blocks = [rtn_qparams(weight[start:start + ROWS_PER_BLOCK].float(), fate.scheme)[0]
-              for start in range(0, weight.shape[0], ROWS_PER_BLOCK)]
-    return torch.cat(blocks).to(weight.dtype)
-
-
 @torch.no_grad()
 def quantize_tables(model, plan: Plan) -> None:
     """Quantize the plan's tables in place: each table's weight on its grid (what the model computes
@@ -65,6 +56,7 @@ def quantize_tables(model, plan: Plan) -> None:
     from compressed_tensors.offload import align_module_device, update_offload_parameter
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
+    from pipeline.quantize.blockwise import rtn_qparams
     from pipeline.quantize.grids import weight_args
 
     if not plan.tables:
@@ -79,12 +71,13 @@ def quantize_tables(model, plan: Plan) -> None:
         module = model.get_submodule(fate.name)
         args = module.quantization_scheme.weights
         with align_module_device(module):
-            weight = module.weight.data
-            scale = table_scales(weight, fate)
-            for start in range(0, scale.shape[0], ROWS_PER_BLOCK):
+            weight, scales = module.weight.data, []
+            for start in range(0, weight.shape[0], ROWS_PER_BLOCK):  # compressed-tensors' min/max scale, per block
                 rows = slice(start, start + ROWS_PER_BLOCK)
-                weight[rows] = fake_quantize(weight[rows], scale[rows], torch.zeros_like(scale[rows], dtype=torch.int8),
-                                             args)
+                scale = rtn_qparams(weight[rows].float(), fate.scheme)[0].to(weight.dtype)
+                weight[rows] = fake_quantize(weight[rows], scale, torch.zeros_like(scale, dtype=torch.int8), args)
+                scales.append(scale)
+            scale = torch.cat(scales)
             update_offload_parameter(module, "weight", weight)
             update_offload_parameter(module, "weight_scale", scale.reshape(module.weight_scale.shape))
 
