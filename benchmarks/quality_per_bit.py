@@ -153,6 +153,7 @@ def main() -> None:
         "ours gptq (min/max grid)": lambda: ours("gptq", gptq={"grid": "minmax"}),
         "ours gptq (min/max grid, actorder static)": lambda: ours("gptq", gptq={"grid": "minmax", "actorder": "static"}),
         "ours gptq (imatrix grid)": lambda: ours("gptq", gptq={"grid": "imatrix"}),
+        "ours gptq (imatrix grid, actorder static)": lambda: ours("gptq", gptq={"grid": "imatrix", "actorder": "static"}),
         "auto-round's own tuned loop (20 iters, batch 8)": lambda: auto_round(iters=20, batch_size=8),
         "ours autoround (20 iters, batch 8)": lambda: ours("autoround", autoround={"iters": 20, "batch_size": 8}),
     }

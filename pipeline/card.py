@@ -360,7 +360,7 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
     if facts.tables:
         listed = ", ".join(f"`{name}` {label}" for name, label in facts.tables.items())
         notes.append(f"Quantized token tables ({listed}), stored as compressed-tensors' packed embeddings. vLLM "
-                     "dequantizes them with a Triton kernel: GPU only, its CPU build cannot load them. SGLang is "
+                     "dequantizes them with a Triton kernel: GPU only, its CPU build loads them but cannot run them. SGLang is "
                      "not shown: it serves compressed-tensors-quantized embeddings silently wrong "
                      "(sgl-project/sglang#36137, #38224).")
     if facts.status == "failed":

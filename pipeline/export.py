@@ -22,7 +22,7 @@ from pipeline.names import matches
 from pipeline.quantize.base import Backend
 from pipeline.recipe import Recipe
 from pipeline.rundir import FileSum
-from pipeline.tables import kept_untied, write_tie_flags
+from pipeline.tables import kept_untied, pack_tables, write_tie_flags
 from pipeline.tensors import WEIGHT_GLOB, StoredTensors
 
 SIZE_TOLERANCE = 0.02  # the plan counts tensor data exactly; the margin is for layouts it rounds
@@ -39,6 +39,7 @@ def write_export(model, backend: Backend, source: Source, recipe: Recipe, plan: 
     if recipe.export == COMPRESSED_TENSORS:
         if wanted(recipe):
             detach_from_source_config(model)
+        pack_tables(model, plan)
         with kept_untied(plan):
             backend.save(model, folder, recipe)
         write_tie_flags(folder, plan)

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from pipeline.compute import ComputeDtype, host_compute_dtype
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
+from pipeline.tables import stage_bytes as table_stage_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class MemoryPlan(BaseModel):
     activation_bytes: int  # one forward of the probe or one calibration batch
     calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains, on the host
     solver_state_bytes: int = 0  # what the calibrated algorithm holds for the block it solves
+    table_stage_bytes: int = 0  # the quantized token tables' stage, on the host (pipeline/tables.py)
     needs: dict[str, int]  # cpu/gpu need of each mode
     compute_dtype: ComputeDtype  # what the measuring forwards (probe, reload check, validation) compute in
 
@@ -76,7 +78,8 @@ class MemoryPlan(BaseModel):
                 (f"largest decoder layer ({self.largest_layer}) of {len(self.layer_bytes)}", self.largest_layer_bytes),
                 ("its quantized copy", self.largest_layer_export_bytes), ("activations", self.activation_bytes),
                 ("calibration state (host)", self.calibration_state_bytes),
-                ("solver state of one block", self.solver_state_bytes)]
+                ("solver state of one block", self.solver_state_bytes),
+                ("token tables: untied head, packing (host)", self.table_stage_bytes)]
         rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
         if self.compute_dtype == "float32":
             rows.append(("measuring in float32 (this CPU has no bf16 instructions)", 2 * self.model_bf16_bytes))
@@ -188,9 +191,11 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
     on_gpu = bool(gpu_budgets)
     one_layer = layers[largest] + largest_export
     working = act + solver  # where the blocks are solved: the GPU when there is one, else the host
+    tables = table_stage_bytes(plan)  # after the pass, on the host: at most its working set or this
+    host_working = max(0 if on_gpu else working, tables)
     needs = {
-        "all_at_once_host": plan.bf16_bytes + largest_export + state + (0 if on_gpu else working),
-        "sequential_host": non_layer + one_layer + state + (0 if on_gpu else working),
+        "all_at_once_host": plan.bf16_bytes + largest_export + state + host_working,
+        "sequential_host": non_layer + one_layer + state + host_working,
     }
     if on_gpu:
         needs["all_at_once_gpu"] = plan.bf16_bytes + working
@@ -199,7 +204,7 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
                   model_bf16_bytes=plan.bf16_bytes, non_layer_bytes=non_layer, layer_bytes=layers,
                   largest_layer=largest, largest_layer_bytes=layers[largest],
                   largest_layer_export_bytes=largest_export, activation_bytes=act,
-                  calibration_state_bytes=state, solver_state_bytes=solver, needs=needs)
+                  calibration_state_bytes=state, solver_state_bytes=solver, table_stage_bytes=tables, needs=needs)
 
     if state + act > cpu_budget and recipe.calibrated:  # the data alone cannot fit: say which key is too large
         c = recipe.calibration

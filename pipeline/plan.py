@@ -13,13 +13,13 @@ import re
 from collections import defaultdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, model_validator
 
 from pipeline.names import first_match, matches
 from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve, table_scheme
-from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, shown
+from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, TableScheme, shown
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
                     "moe_router", "moe_experts", "other"]
@@ -348,9 +348,10 @@ def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) ->
         if m is None:
             problems.append((f"embeddings.{key}", f"{recipe.model.id} has no {TABLES[key]} table; allowed: bf16"))
         elif scheme.group_size and m.shape[1] % scheme.group_size:
-            divisible = [g for g in (32, 64, 128) if m.shape[1] % g == 0]
+            allowed = [value for value, option in ((v, table_scheme(v)) for v in get_args(TableScheme))
+                       if option is None or not option.group_size or m.shape[1] % option.group_size == 0]
             problems.append((f"embeddings.{key}", f"group {scheme.group_size} does not divide {m.name}'s rows of "
-                             f"{m.shape[1]}; allowed: bf16, int8{''.join(f', int4-g{g}' for g in divisible)}"))
+                             f"{m.shape[1]}; allowed: {', '.join(allowed)}"))
         else:
             m.quantize, m.kept_because = True, None
             m.bits, m.group_size, m.symmetric = scheme.bits, scheme.group_size, scheme.symmetric
@@ -358,7 +359,8 @@ def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) ->
             m.export_bytes = quantized_bytes(m.shape[0], m.shape[1], scheme.bits, scheme.group_size, True)
     RecipeError.collect(source, problems)
     head = tables.get("lm_head")
-    if recipe.embeddings.untied and head is not None and head.tied_to and not head.quantize:
+    untied = any(m.quantize for key, m in tables.items() if key in ("tokens", "lm_head"))
+    if untied and head is not None and head.tied_to and not head.quantize:
         head.export_bytes = 2 * head.params
         head.reason = f"{Kept.LM_HEAD}: untied from the quantized {head.tied_to}, stored BF16"
 

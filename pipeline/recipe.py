@@ -304,10 +304,6 @@ class EmbeddingsSpec(_Strict):
     def quantized(self) -> bool:
         return any(value != "bf16" for value in (self.per_layer, self.tokens, self.lm_head))
 
-    @property
-    def untied(self) -> bool:
-        return self.tokens != "bf16" or self.lm_head != "bf16"
-
 
 class Override(_Strict):
     """One `overrides:` rule: which modules (every selection key given must match) and what to set.

@@ -3,6 +3,8 @@ eval.json. The stages write them; the manifest, the card and publish read them."
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 from pipeline.recipe import EvalSpec
@@ -86,6 +88,14 @@ class GateResult(BaseModel):
     message: str
 
 
+class Serving(BaseModel):
+    """The export served by vLLM and its log-probs compared with transformers'. Not run by this version
+    of gemma-quant (see `reason`); a card says so instead of implying a check."""
+    engine: Literal["vllm"] = "vllm"
+    status: Literal["not_run"]
+    reason: str
+
+
 class EvalReport(BaseModel):
     created: str
     model_id: str
@@ -96,6 +106,7 @@ class EvalReport(BaseModel):
     generations: list[Generation]
     structure: Structure
     gates: list[GateResult]
+    serving: Serving
     versions: dict[str, str]
 
     load_problems: list[str]

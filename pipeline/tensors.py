@@ -41,6 +41,13 @@ class StoredTensors:
         with safe_open(self.files[name], "pt") as f:
             return f.get_tensor(self._stored_as[name])
 
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows `rows` of a tensor, read without loading the rest of it."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_slice(self._stored_as[name])[rows]
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one file open at a time."""
         from safetensors import safe_open

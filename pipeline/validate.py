@@ -32,7 +32,7 @@ from pipeline.model import Source, load_config, model_class, resolve, sidecar_fi
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import Gates
-from pipeline.records import EvalReport, GateResult, Generation, MeasuredSizes, Quality, Structure
+from pipeline.records import EvalReport, GateResult, Generation, MeasuredSizes, Quality, Serving, Structure
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
@@ -118,6 +118,19 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
                              pad_token_id=tokenizer.pad_token_id)
         outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return outputs
+
+
+# ---------------------------------------------------------------- serving
+
+
+def serving_record(plan: Plan) -> Serving:
+    """Why this validation did not serve the export with vLLM (../shared/notes/gemma4-quantization-findings.md,
+    "vLLM on these CPU machines")."""
+    if plan.tables:
+        return Serving(status="not_run", reason="its quantized token tables are dequantized by a Triton kernel in "
+                       "vLLM, which vLLM's CPU build, the only one this validation can run, lacks")
+    return Serving(status="not_run", reason="this version of gemma-quant has no vLLM serve check: vLLM's CPU build "
+                   "lacks its W4A16 kernel on AVX2-only CPUs, one of the machine kinds it is tested on")
 
 
 # ---------------------------------------------------------------- structure
@@ -367,7 +380,7 @@ def validate_run(run_dir: Path) -> EvalReport:
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
         sizes=measure_sizes(export, weights_dir, plan, fmt),
         generations=generations,
-        structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
+        structure=structure, gates=check_gates(recipe.gates, quality) if quality else [], serving=serving_record(plan),
         load_problems=load_problems, versions=library_versions(),
     )
     write_json_atomically(run_dir / EVAL_JSON, report.model_dump(mode="json") | {"passed": report.passed})
@@ -406,6 +419,7 @@ def render_markdown(report: EvalReport) -> str:
         f"{report.structure.kept_identical} kept tensors bit-identical to the source, "
         f"{report.structure.quantized_stored} quantized modules stored packed.",
         *[f"- PROBLEM: {p}" for p in report.structure.problems], "",
+        "## Served by vLLM", "", f"Not run: {report.serving.reason}.", "",
         "## Greedy generations", "",
     ]
     for g in report.generations:

@@ -58,6 +58,10 @@ def test_body_quotes_the_measured_numbers(validated_run):
     assert "| calibration | none (RTN is data-free) |" in text
     assert "one BF16 scale per group of 128 input features" in text
     assert "pending" not in text.lower()
+    assert report["serving"] == {"engine": "vllm", "status": "not_run", "reason": (
+        "this version of gemma-quant has no vLLM serve check: vLLM's CPU build lacks its W4A16 kernel on AVX2-only "
+        "CPUs, one of the machine kinds it is tested on")}
+    assert f"Not checked in vLLM: {report['serving']['reason']}." in text
 
 
 def test_kept_modules_are_counted_by_component(validated_run):

@@ -17,7 +17,7 @@ from pipeline.model import build_meta_model, model_class, resolve
 from pipeline.plan import Plan, build_plan, quantized_bytes
 from pipeline.recipe import ModelSpec, RecipeError, load_recipe, parse_recipe
 from pipeline.run import quantize_run
-from pipeline.tables import loading_packed_tables, packed_layout, table_problems
+from pipeline.tables import loading_packed_tables, pack_tables, packed_layout, quantize_tables, table_problems
 from pipeline.tensors import StoredTensors
 from pipeline.tiny import full_config, tiny_config
 
@@ -88,7 +88,7 @@ def _run(tmp_path, embeddings: dict, validate: bool):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: tiny:e2b\nscheme: W4A16\noutput_dir: {tmp_path / 'run'}\n"
                       f"embeddings: {json.dumps(embeddings)}\neval: {{samples: 2, seq_len: 64, max_new_tokens: 4}}\n")
-    manifest = quantize_run(recipe, validate=validate, card=False)
+    manifest = quantize_run(recipe, validate=validate, card=validate)
     return manifest, Plan.load(tmp_path / "run" / "plan.json"), tmp_path / "run" / "export"
 
 
@@ -97,9 +97,8 @@ def test_every_table_at_4_bits_exports_packed_untied_and_validates(tmp_path):
     headers = StoredTensors(folder).headers
     for fate in plan.tables:  # vLLM's CompressedTensorsEmbeddingWNA16Int names, dtypes and shapes
         assert f"{fate.name}.weight" not in headers
-        for leaf, (dtype, shape) in packed_layout(fate).items():
-            assert headers[f"{fate.name}.{leaf}"] == ({torch.int32: "I32", torch.bfloat16: "BF16",
-                                                       torch.int64: "I64"}[dtype], shape)
+        for leaf, layout in packed_layout(fate).items():
+            assert headers[f"{fate.name}.{leaf}"] == layout
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
     groups = config["quantization_config"]["config_groups"].values()
@@ -110,6 +109,10 @@ def test_every_table_at_4_bits_exports_packed_untied_and_validates(tmp_path):
     assert manifest.status == "validated" and manifest.reload.vs_in_memory.kl_mean < 1e-3
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["structure"]["problems"] == [] and report["structure"]["quantized_stored"] == len(plan.quantized) + 3
+    assert report["serving"]["status"] == "not_run" and "Triton kernel in vLLM" in report["serving"]["reason"]
+    card = (folder / "README.md").read_text()  # no SGLang snippet (it serves such tables wrong), and why not
+    assert f"Not checked in vLLM: {report['serving']['reason']}." in card and "### SGLang" not in card
+    assert "SGLang is not shown: it serves compressed-tensors-quantized embeddings silently wrong" in card
 
     # Plain from_pretrained fails on transformers 5.17 (its _init_weights draws into the packed table's
     # missing weight); the guarded load gives the tables' integers x scales.
@@ -126,6 +129,28 @@ def test_every_table_at_4_bits_exports_packed_untied_and_validates(tmp_path):
     scale = stored.get(f"{PLE}.weight_scale").float()
     expected = (ints.float().reshape(ints.shape[0], -1, 32) * scale.unsqueeze(-1)).reshape(ints.shape)
     assert torch.equal(model.get_submodule(PLE).weight.float(), expected.to(torch.bfloat16).float())
+
+
+def test_tables_packed_block_by_block_equal_compressed_tensors_packing_them_whole(monkeypatch):
+    import copy
+
+    from compressed_tensors.compressors import compress_module
+
+    source = resolve(ModelSpec(id="tiny:e2b")).path
+    config = AutoConfig.from_pretrained(source)
+    model = model_class(config).from_pretrained(source, dtype=torch.bfloat16)
+    recipe = parse_recipe({"name": "t", "model": "tiny:e2b", "scheme": "W4A16",
+                           "embeddings": {"per_layer": "int4-g32", "tokens": "int8"}})
+    plan = build_plan(build_meta_model(config), config, recipe)
+    quantize_tables(model, plan)
+    whole = copy.deepcopy(model)
+    monkeypatch.setattr("pipeline.tables.ROWS_PER_BLOCK", 300)  # 1024 rows: four blocks, the last one short
+    pack_tables(model, plan)
+    for fate in plan.tables:
+        compress_module(whole.get_submodule(fate.name))
+        ours, theirs = (dict(m.get_submodule(fate.name).named_parameters(recurse=False)) for m in (model, whole))
+        assert ours.keys() == theirs.keys() == {"weight_packed", "weight_scale", "weight_shape"}
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), fate.name
 
 
 def test_structure_check_catches_a_misnamed_or_wrong_table(tmp_path):
@@ -148,7 +173,8 @@ def test_structure_check_catches_a_misnamed_or_wrong_table(tmp_path):
     doubled = dict(tensors, **{f"{PLE}.weight_scale": tensors[f"{PLE}.weight_scale"] * 2})
     assert "further than 0.58 steps" in problems_with(doubled)[0]
     flat = dict(tensors, **{f"{PLE}.weight_scale": tensors[f"{PLE}.weight_scale"].reshape(-1, 1)[: plan_rows(plan)]})
-    assert "vLLM reads torch.bfloat16" in problems_with(flat)[0]
+    wanted = packed_layout(next(m for m in plan.tables if m.name == PLE))["weight_scale"]
+    assert problems_with(flat) == [f"{PLE}: weight_scale is BF16 [{plan_rows(plan)}, 1], vLLM reads BF16 {wanted[1]}"]
 
 
 def plan_rows(plan: Plan) -> int:
