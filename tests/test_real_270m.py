@@ -48,3 +48,19 @@ def test_w4a16_opt_rtn_beats_rtn_on_held_out_kl(tmp_path):
     quality = searched["quality"]
     assert quality["kl_mean"] < 0.6 * rtn["kl_mean"], (quality, rtn)
     assert quality["top1_agreement"] > rtn["top1_agreement"] + 0.05
+
+
+def test_int4_token_table_and_head_pass_their_gates_at_the_planned_size(tmp_path):
+    """The table step on real weights: the 262k x 640 table and an untied head at int4 g32, validated
+    through the guarded load, on disk at the plan's size, far below the tied BF16 table's build."""
+    from pipeline.recipe import load_recipe
+    from pipeline.run import make_plan
+
+    report = _run("gemma3-270m-w4a16-emb4", tmp_path, eval={"samples": 8, "seq_len": 512, "max_new_tokens": 8})
+    assert report["passed"], report["gates"]
+    assert report["structure"]["problems"] == [] and report["serving"]["status"] == "not_run"
+    plans = {name: make_plan(load_recipe(RECIPES_DIR / f"{name}.yaml"), name)[2]
+             for name in ("gemma3-270m-w4a16", "gemma3-270m-w4a16-emb4")}
+    weights = report["sizes"]["export_weights_bytes"]
+    assert abs(weights / plans["gemma3-270m-w4a16-emb4"].export_bytes - 1) < 0.01
+    assert weights < 0.65 * plans["gemma3-270m-w4a16"].export_bytes
