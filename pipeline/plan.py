@@ -140,10 +140,13 @@ class Plan(BaseModel):
         return [m for m in self.modules if m.quantize and m.table is not None]
 
     @property
+    def head(self) -> ModuleFate | None:
+        return next((m for m in self.modules if m.table == "lm_head"), None)
+
+    @property
     def untied(self) -> bool:
         """The source ties lm_head to embed_tokens and the export stores them apart (one is quantized)."""
-        return any(m.table in ("tokens", "lm_head") for m in self.tables) and any(
-            m.table == "lm_head" and m.tied_to for m in self.modules)
+        return unties_head(self.modules) and self.head is not None and bool(self.head.tied_to)
 
     @property
     def default_scheme(self) -> WeightScheme:
@@ -335,6 +338,11 @@ def _per_expert_fates(name: str, experts, layer_types: list[str]) -> list[Module
             for index in range(num_experts) for proj, shape in shapes.items()]
 
 
+def unties_head(fates: list[ModuleFate]) -> bool:
+    """A quantized input table or head: the export stores the two apart."""
+    return any(m.quantize and m.table in ("tokens", "lm_head") for m in fates)
+
+
 def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) -> None:
     """The recipe's `embeddings:` scheme for each token table, refused where the model has no such table
     or the group size does not divide its rows; a source-tied head stored apart counts in full."""
@@ -359,8 +367,7 @@ def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) ->
             m.export_bytes = quantized_bytes(m.shape[0], m.shape[1], scheme.bits, scheme.group_size, True)
     RecipeError.collect(source, problems)
     head = tables.get("lm_head")
-    untied = any(m.quantize for key, m in tables.items() if key in ("tokens", "lm_head"))
-    if untied and head is not None and head.tied_to and not head.quantize:
+    if unties_head(fates) and head is not None and head.tied_to and not head.quantize:
         head.export_bytes = 2 * head.params
         head.reason = f"{Kept.LM_HEAD}: untied from the quantized {head.tied_to}, stored BF16"
 

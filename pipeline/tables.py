@@ -16,7 +16,7 @@ ever copied whole in float32 (E2B's PLE table holds 2.3 B values). Three library
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,10 +38,14 @@ def stage_bytes(plan: Plan) -> int:
     tensors beside one row block's working copies (measured: 4.8x the block's BF16 bytes)."""
     if not plan.tables:
         return 0
-    head = next((m for m in plan.modules if m.table == "lm_head"), None)
-    copy = 2 * head.params if plan.untied and head is not None and head.tied_to else 0
+    copy = 2 * plan.head.params if plan.untied else 0
     packing = max(m.export_bytes + 5 * 2 * min(ROWS_PER_BLOCK, m.shape[0]) * m.shape[1] for m in plan.tables)
     return copy + packing
+
+
+def row_blocks(rows: int) -> Iterator[slice]:
+    for start in range(0, rows, ROWS_PER_BLOCK):
+        yield slice(start, start + ROWS_PER_BLOCK)
 
 
 def untie_head(model) -> None:
@@ -84,8 +88,7 @@ def quantize_tables(model, plan: Plan) -> None:
         args = module.quantization_scheme.weights
         with align_module_device(module):
             weight, scales = module.weight.data, []
-            for start in range(0, weight.shape[0], ROWS_PER_BLOCK):  # compressed-tensors' min/max scale, per block
-                rows = slice(start, start + ROWS_PER_BLOCK)
+            for rows in row_blocks(weight.shape[0]):  # compressed-tensors' min/max scale, per block
                 scale = rtn_qparams(weight[rows].float(), fate.scheme)[0].to(weight.dtype)
                 weight[rows] = fake_quantize(weight[rows], scale, torch.zeros_like(scale, dtype=torch.int8), args)
                 scales.append(scale)
@@ -113,9 +116,8 @@ def pack_tables(model, plan: Plan) -> None:
         with align_module_device(module):
             state = dict(get_direct_state_dict(module))
         weight, scale, zero_point = state.pop("weight"), state["weight_scale"], state.pop("weight_zero_point")
-        packed = torch.empty(weight.shape[0], math.ceil(weight.shape[1] * args.num_bits / 32), dtype=torch.int32)
-        for start in range(0, weight.shape[0], ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        packed = torch.empty(packed_layout(fate)["weight_packed"][1], dtype=torch.int32)
+        for rows in row_blocks(weight.shape[0]):
             packed[rows] = pack_to_int32(quantize(weight[rows], scale[rows], zero_point[rows], args, dtype=torch.int8),
                                          args.num_bits)
         state["weight_packed"] = packed
@@ -185,8 +187,8 @@ def table_problems(export: StoredTensors, source: StoredTensors, plan: Plan) -> 
     problems = []
     for fate in plan.tables:
         problems += _packed_table_problems(export, source, fate)
-    head = next((m for m in plan.modules if m.table == "lm_head"), None)
-    if plan.untied and head is not None and not head.quantize:
+    head = plan.head
+    if plan.untied and not head.quantize:
         key, source_key = f"{head.name}.weight", f"{head.tied_to}.weight"
         if key not in export.files:
             problems.append(f"{head.name}: the untied head is not stored ({key} is missing)")
@@ -224,10 +226,9 @@ def _packed_table_problems(export: StoredTensors, source: StoredTensors, fate: M
     original_key = f"{fate.tied_to or fate.name}.weight"
     limit = 2 ** (fate.bits - 1)
     group = fate.group_size or cols
-    for start in range(0, rows, ROWS_PER_BLOCK):  # row blocks read from disk: a table never whole in memory
-        block = slice(start, start + ROWS_PER_BLOCK)
-        ints = unpack_from_int32(export.rows(f"{fate.name}.weight_packed", block), fate.bits,
-                                 torch.Size([min(rows - start, ROWS_PER_BLOCK), cols])).to(torch.int32)
+    for block in row_blocks(rows):  # read from disk block by block: a table is never whole in memory
+        packed = export.rows(f"{fate.name}.weight_packed", block)
+        ints = unpack_from_int32(packed, fate.bits, torch.Size([packed.shape[0], cols])).to(torch.int32)
         scale = export.rows(f"{fate.name}.weight_scale", block).float()
         if ints.min() < -limit or ints.max() >= limit:
             return [f"{fate.name}: integers outside [{-limit}, {limit - 1}]"]

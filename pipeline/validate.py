@@ -146,7 +146,7 @@ def check_structure(export: Path, source_dir: Path, plan: Plan, fmt: ExportForma
     by_name = {m.name: m for m in plan.modules}
     quantized = {m.name for m in plan.quantized}
     # The token tables and an untied head are checked against their source table (pipeline/tables.py).
-    tables = {m.name for m in plan.tables} | {m.name for m in plan.modules if plan.untied and m.table == "lm_head"}
+    tables = {m.name for m in plan.tables} | ({plan.head.name} if plan.untied else set())
     problems, identical, stored_packed = [], 0, 0
 
     def where(name: str) -> str:

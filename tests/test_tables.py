@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from pipeline.export import tensor_digest
-from pipeline.model import build_meta_model, model_class, resolve
+from pipeline.model import build_meta_model, load_config, load_model, model_class, resolve
 from pipeline.plan import Plan, build_plan, quantized_bytes
 from pipeline.recipe import ModelSpec, RecipeError, load_recipe, parse_recipe
 from pipeline.run import quantize_run
@@ -136,12 +136,9 @@ def test_tables_packed_block_by_block_equal_compressed_tensors_packing_them_whol
 
     from compressed_tensors.compressors import compress_module
 
-    source = resolve(ModelSpec(id="tiny:e2b")).path
-    config = AutoConfig.from_pretrained(source)
-    model = model_class(config).from_pretrained(source, dtype=torch.bfloat16)
-    recipe = parse_recipe({"name": "t", "model": "tiny:e2b", "scheme": "W4A16",
-                           "embeddings": {"per_layer": "int4-g32", "tokens": "int8"}})
-    plan = build_plan(build_meta_model(config), config, recipe)
+    source = resolve(ModelSpec(id="tiny:e2b"))
+    model = load_model(source, load_config(source))
+    plan = _plan("e2b", per_layer="int4-g32", tokens="int8")
     quantize_tables(model, plan)
     whole = copy.deepcopy(model)
     monkeypatch.setattr("pipeline.tables.ROWS_PER_BLOCK", 300)  # 1024 rows: four blocks, the last one short
@@ -173,12 +170,16 @@ def test_structure_check_catches_a_misnamed_or_wrong_table(tmp_path):
     doubled = dict(tensors, **{f"{PLE}.weight_scale": tensors[f"{PLE}.weight_scale"] * 2})
     assert "further than 0.58 steps" in problems_with(doubled)[0]
     flat = dict(tensors, **{f"{PLE}.weight_scale": tensors[f"{PLE}.weight_scale"].reshape(-1, 1)[: plan_rows(plan)]})
-    wanted = packed_layout(next(m for m in plan.tables if m.name == PLE))["weight_scale"]
+    wanted = packed_layout(_ple(plan))["weight_scale"]
     assert problems_with(flat) == [f"{PLE}: weight_scale is BF16 [{plan_rows(plan)}, 1], vLLM reads BF16 {wanted[1]}"]
 
 
+def _ple(plan: Plan):
+    return next(m for m in plan.tables if m.name == PLE)
+
+
 def plan_rows(plan: Plan) -> int:
-    return next(m for m in plan.tables if m.name == PLE).shape[0]
+    return _ple(plan).shape[0]
 
 
 def _tiny_source_tensors() -> StoredTensors:
