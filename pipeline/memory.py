@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
@@ -66,7 +67,9 @@ class MemoryPlan(BaseModel):
     solver_state_bytes: int = 0  # what the calibrated algorithm holds for the block it solves
     table_stage_bytes: int = 0  # the quantized token tables' stage, on the host (pipeline/tables.py)
     needs: dict[str, int]  # cpu/gpu need of each mode
-    compute_dtype: ComputeDtype  # what the measuring forwards (probe, reload check, validation) compute in
+    # Validation measures the quantization error in float32 (and as served, in bf16) only where this holds.
+    float32_fits: bool
+    compute_dtype: ComputeDtype  # what the probe, reload-check and generation forwards compute in
 
     def table(self):
         from rich.table import Table
@@ -81,8 +84,10 @@ class MemoryPlan(BaseModel):
                 ("solver state of one block", self.solver_state_bytes),
                 ("token tables: untied head, packing (host)", self.table_stage_bytes)]
         rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
-        if self.compute_dtype == "float32":
-            rows.append(("measuring in float32 (this CPU has no bf16 instructions)", 2 * self.model_bf16_bytes))
+        if self.float32_fits:
+            rows.append(("the model in float32, measured (validation; "
+                         f"{'every check: this CPU has no bf16 instructions' if self.compute_dtype == 'float32' else 'the quantization error'})",
+                         2 * self.model_bf16_bytes))
         rows.append((f"budget: host ({self.budget_source['cpu']})", self.cpu_budget_bytes))
         rows += [(f"budget: GPU {i} ({self.budget_source['gpu']})", b) for i, b in enumerate(self.gpu_budget_bytes)]
         for name, value in rows:
@@ -161,18 +166,27 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
     return chains + recorded
 
 
+# auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times a module's
+# BF16 bytes at once (measured 12.3-13.4x on 2k-8k x 2k-8k weights at g32-g128; tests/test_memory.py).
+SCALE_SEARCH_FACTOR = 14
+
+
 def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
     """What the calibrated algorithm holds while it solves one block, beyond the block's weights and
     activations, for the heaviest block (each algorithm's `solver_bytes`, pipeline/algorithms.py; for
-    MoE GPTQ one Hessian per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B)."""
+    MoE GPTQ one Hessian per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B), and the
+    scale search's transient for its largest module where the pass searches its scales."""
     solver_bytes = recipe.algorithm_spec.solver_bytes
     if solver_bytes is None:
         return 0
-    per_layer: dict[int, int] = {}
+    per_layer: dict[int, int] = defaultdict(int)
+    searched: dict[int, int] = defaultdict(int)  # the search runs module by module: its largest module
     for m in plan.quantized:
         if m.layer is not None:
-            per_layer[m.layer] = per_layer.get(m.layer, 0) + solver_bytes(m.shape, m.bf16_bytes)
-    return max(per_layer.values(), default=0)
+            per_layer[m.layer] += solver_bytes(m.shape, m.bf16_bytes)
+            if recipe.searches_scales:
+                searched[m.layer] = max(searched[m.layer], SCALE_SEARCH_FACTOR * m.bf16_bytes)
+    return max((held + searched[layer] for layer, held in per_layer.items()), default=0)
 
 
 def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_budgets: list[int],
@@ -244,16 +258,29 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
                 f"(all-at-once {human(needs['all_at_once_gpu'])} over all); a budget of at least "
                 f"{human(needs['sequential_gpu'])} would fit")
     mode = "all-at-once" if host == "resident" and gpu in ("none", "whole-model") else "sequential"
-    return MemoryPlan(mode=mode, host=host, gpu=gpu, compute_dtype=measuring_dtype(host, gpu, needs, plan, cpu_budget),
-                      **fields)
+    float32_fits = fits_float32(host, gpu, needs, plan, cpu_budget, gpu_budgets)
+    return MemoryPlan(mode=mode, host=host, gpu=gpu, float32_fits=float32_fits,
+                      compute_dtype=measuring_dtype(gpu, float32_fits), **fields)
 
 
-def measuring_dtype(host: str, gpu: str, needs: dict[str, int], plan: Plan, cpu_budget: int) -> ComputeDtype:
-    """float32 on a CPU that emulates bf16 (pipeline/compute.py), when the whole model fits the host budget
-    in float32 beside what the run holds; bf16 on a GPU, on a CPU with bf16 instructions, or when it does not fit."""
-    if gpu != "none" or host != "resident" or host_compute_dtype() == "bfloat16":
+def fits_float32(host: str, gpu: str, needs: dict[str, int], plan: Plan, cpu_budget: int,
+                 gpu_budgets: list[int]) -> bool:
+    """Whether a measuring forward can widen the whole model to float32 (twice its BF16 bytes) beside what
+    the run holds: the model resident on the host (validation reloads the export there) and, when the run
+    puts the whole model on the GPUs, there too."""
+    on_host = host == "resident" and needs["all_at_once_host"] + plan.bf16_bytes <= cpu_budget
+    if gpu == "whole-model":
+        return on_host and needs["all_at_once_gpu"] + plan.bf16_bytes <= sum(gpu_budgets)
+    return on_host
+
+
+def measuring_dtype(gpu: str, float32_fits: bool) -> ComputeDtype:
+    """What the probe and reload-check forwards compute in: float32 on a CPU that emulates bf16
+    (pipeline/compute.py) when the model fits in float32; bf16 on a GPU, on a CPU with bf16 instructions,
+    or when it does not fit."""
+    if gpu != "none" or host_compute_dtype() == "bfloat16":
         return "bfloat16"
-    return "float32" if needs["all_at_once_host"] + plan.bf16_bytes <= cpu_budget else "bfloat16"
+    return "float32" if float32_fits else "bfloat16"
 
 
 def _budget_origin(recipe_path, origin: str, flag: str) -> str:

@@ -167,6 +167,9 @@ class EvalSpec(_Strict):
     seq_len: int = Field(default=256, ge=8)
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(default=24, ge=1)
+    # Beside the quantization error (both models in float32), the quality as served (both in bf16) and
+    # bf16's own floor: twice the forwards, each several times slower where the CPU emulates bf16.
+    served: bool = True
 
 
 class Gates(_Strict):
@@ -501,8 +504,7 @@ class Recipe(_Strict):
         if self.library and self.library not in self.algorithm_spec.libraries:
             raise _KeyError("library", f"{self.algorithm} runs on {' or '.join(self.algorithm_spec.libraries)}, "
                             f"not {self.library}")
-        searched = self.algorithm == "opt-rtn" or (self.algorithm == "gptq" and self.gptq.grid == "imatrix")
-        if searched and (not self.symmetric or any(rule.symmetric is False for rule in self.overrides)):
+        if self.searches_scales and (not self.symmetric or any(rule.symmetric is False for rule in self.overrides)):
             raise _KeyError("symmetric", "the importance-weighted scale search (opt-rtn, gptq grid: imatrix) is "
                             "symmetric only; use symmetric: true, or algorithm: gptq with gptq: {grid: minmax}")
         if self.embeddings.quantized and self.export != "compressed-tensors":
@@ -526,6 +528,11 @@ class Recipe(_Strict):
     @property
     def bits(self) -> int:
         return SCHEME_BITS[self.scheme]
+
+    @property
+    def searches_scales(self) -> bool:
+        """The pass chooses each group's scale by the importance-weighted search (blockwise.searched_qparams)."""
+        return self.algorithm == "opt-rtn" or (self.algorithm == "gptq" and self.gptq.grid == "imatrix")
 
     @property
     def algorithm_spec(self) -> Algorithm:

@@ -44,7 +44,8 @@ class QuantizeReport(BaseModel):
 
 
 class Quality(BaseModel):
-    dtype: str  # what both models computed in (float32 where the CPU emulates bf16: pipeline/compute.py)
+    """The quantized model against the unquantized one, both computing in `dtype`."""
+    dtype: str
     samples: int
     seq_len: int
     tokens: int
@@ -54,6 +55,15 @@ class Quality(BaseModel):
     ppl_reference: float
     ppl_quantized: float
     ppl_ratio: float
+
+
+class Floor(BaseModel):
+    """bf16's own rounding: the unquantized model computing in bf16 against itself in float32, how far
+    bf16 arithmetic alone moves the output (an as-served figure near it is about as close as bf16 allows)."""
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    ppl_ratio: float  # bf16's perplexity over float32's
 
 
 class MeasuredSizes(BaseModel):
@@ -101,7 +111,12 @@ class EvalReport(BaseModel):
     model_id: str
     scheme: str
     eval: EvalSpec
-    quality: Quality | None  # None: the export does not load cleanly, so nothing was measured
+    # The quantization error: both models computing in float32, so bf16's rounding is not counted (where
+    # float32 does not fit the memory budget, in bf16, and `dtype` says so). Gates and cards use it.
+    # None: the export does not load cleanly, so nothing was measured.
+    quality: Quality | None
+    served: Quality | None  # both in bf16, as vLLM and transformers serve the export; None where `quality` is
+    bf16_floor: Floor | None  # measured with `served`
     sizes: MeasuredSizes
     generations: list[Generation]
     structure: Structure

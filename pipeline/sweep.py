@@ -115,7 +115,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
 
     from transformers import AutoTokenizer
 
-    from pipeline.compute import computing_in, host_compute_dtype, torch_dtype
+    from pipeline.compute import host_compute_dtype, torch_dtype
     from pipeline.corpus import load_texts, token_windows
     from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
@@ -145,10 +145,8 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
             manifest = build_candidate(variant, recipe_path, out_dir, work, datetime.now(timezone.utc),
                                        reference_model=reference)
             plan, export, fmt = Plan.load(work / PLAN), work / EXPORT, export_format(variant.export)
-            with computing_in(reference, measuring):
-                quality, _ = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt,
-                                                                                   measuring),
-                                            windows, work, tokenizer, [], 1)
+            quality = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt),
+                                     windows, work, tokenizer, [], 1, (measuring,), measuring).quality[measuring]
             results.append(PolicyResult(
                 policy=policy.name, description=policy.description,
                 mix={scheme.label: len(names) for scheme, names in plan.schemes().items()},

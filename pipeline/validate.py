@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import text_only
-from pipeline.compute import torch_dtype
+from pipeline.compute import computing_in, torch_dtype
 from pipeline.corpus import load_texts, token_windows
 from pipeline.export import (config_problems, file_checksums, sidecar_problems, tensor_digest,
                              written_quantization_config)
@@ -32,7 +33,8 @@ from pipeline.model import Source, load_config, model_class, resolve, sidecar_fi
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import Gates
-from pipeline.records import EvalReport, GateResult, Generation, MeasuredSizes, Quality, Serving, Structure
+from pipeline.records import (EvalReport, Floor, GateResult, Generation, MeasuredSizes, Quality, Serving,
+                             Structure)
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
@@ -72,41 +74,85 @@ def load_export(cls, export: Path, fmt: ExportFormat, dtype: torch.dtype = torch
     return model.eval()
 
 
+class _Comparison:
+    """Per-token KL(reference ‖ other), top-1 agreement and both negative log-likelihoods, window by window."""
+
+    def __init__(self):
+        self.kls, self.agree, self.nll_ref, self.nll_other = [], [], [], []
+
+    def add(self, ref: torch.Tensor, other: torch.Tensor, window: torch.Tensor) -> None:
+        ref, other = torch.log_softmax(ref.float(), -1), torch.log_softmax(other.float(), -1)
+        self.kls.append((ref.exp() * (ref - other)).sum(-1).flatten())
+        self.agree.append((ref.argmax(-1) == other.argmax(-1)).flatten())
+        targets = window[:, 1:].unsqueeze(-1)
+        self.nll_ref.append(-ref[:, :-1].gather(-1, targets).flatten())
+        self.nll_other.append(-other[:, :-1].gather(-1, targets).flatten())
+
+    def _figures(self) -> dict:
+        kl = torch.cat(self.kls)
+        ppl_reference, ppl_other = (torch.cat(n).mean().exp().item() for n in (self.nll_ref, self.nll_other))
+        return dict(kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
+                    top1_agreement=torch.cat(self.agree).float().mean().item(), ppl_ratio=ppl_other / ppl_reference,
+                    tokens=kl.numel(), ppl_reference=ppl_reference, ppl_quantized=ppl_other)
+
+    def quality(self, dtype: torch.dtype, windows: torch.Tensor) -> Quality:
+        return Quality(dtype=_name(dtype), samples=windows.shape[0], seq_len=windows.shape[1], **self._figures())
+
+    def floor(self) -> Floor:
+        return Floor(**{key: value for key, value in self._figures().items() if key in Floor.model_fields})
+
+
+@dataclass
+class Compared:
+    quality: dict[torch.dtype, Quality]  # by the dtype both models computed in
+    bf16_floor: Floor | None  # where both bf16 and float32 were measured
+    generations: list[Generation]
+
+
 def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: Path, tokenizer,
-                   prompts: list[str], max_new_tokens: int) -> tuple[Quality, list[Generation]]:
-    """KL(reference || quantized) per token, top-1 agreement, both perplexities and greedy
-    generations. `reference_fn` and `quantized_fn` load the two models, both in the same dtype. One model
-    resident at a time: the quantized one first (so an export that does not load cleanly fails before any
-    work), its logits kept on disk while the reference runs."""
+                   prompts: list[str], max_new_tokens: int, dtypes: tuple[torch.dtype, ...],
+                   generate_in: torch.dtype) -> Compared:
+    """The quantized model against the reference, both computing in each of `dtypes` (loaded in their
+    stored dtype, widened for float32: pipeline/compute.py): per-token KL(reference ‖ quantized), top-1
+    agreement and both perplexities; with bf16 and float32, also bf16's own floor (the reference in bf16
+    against itself in float32); greedy generations computing in `generate_in`. One model resident at a
+    time: the quantized one first (so an export that does not load cleanly fails before any work), its
+    logits kept on disk while the reference runs, each file removed once compared."""
+    def passes(model, what: str):
+        for dtype in dtypes:
+            with computing_in(model, dtype):
+                for i, window in enumerate(tqdm(windows.split(1), desc=f"{what} logits, {_name(dtype)}", leave=False)):
+                    yield dtype, i, window, _window_logits(model, window)
+
     model = quantized_fn()
-    for i, window in enumerate(tqdm(windows.split(1), desc="quantized logits", leave=False)):
-        torch.save(_window_logits(model, window), scratch / f"quantized-{i}.pt")
-    quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
+    for dtype, i, _, logits in passes(model, "quantized"):
+        torch.save(logits, scratch / f"quantized-{_name(dtype)}-{i}.pt")
+    with computing_in(model, generate_in):
+        quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
     model = reference_fn()
-    dtype = next(model.parameters()).dtype
-    kls, agree, nll_ref, nll_q = [], [], [], []
-    for i, window in enumerate(tqdm(windows.split(1), desc="reference logits", leave=False)):
-        ref = torch.log_softmax(_window_logits(model, window).float(), -1)
-        got = torch.log_softmax(torch.load(scratch / f"quantized-{i}.pt").float(), -1)
-        kls.append((ref.exp() * (ref - got)).sum(-1).flatten())
-        agree.append((ref.argmax(-1) == got.argmax(-1)).flatten())
-        targets = window[:, 1:].unsqueeze(-1)
-        nll_ref.append(-ref[:, :-1].gather(-1, targets).flatten())
-        nll_q.append(-got[:, :-1].gather(-1, targets).flatten())
-    reference_text = greedy(model, tokenizer, prompts, max_new_tokens)
+    compared = {dtype: _Comparison() for dtype in dtypes}
+    bf16_vs_float32 = _Comparison() if set(dtypes) == {torch.bfloat16, torch.float32} else None
+    for dtype, i, window, logits in passes(model, "reference"):
+        stored = scratch / f"quantized-{_name(dtype)}-{i}.pt"
+        compared[dtype].add(logits, torch.load(stored), window)
+        stored.unlink()
+        if bf16_vs_float32 is not None and dtype == torch.bfloat16:
+            torch.save(logits, scratch / f"reference-bfloat16-{i}.pt")
+        elif bf16_vs_float32 is not None:
+            bf16_vs_float32.add(logits, torch.load(bf16 := scratch / f"reference-bfloat16-{i}.pt"), window)
+            bf16.unlink()
+    with computing_in(model, generate_in):
+        reference_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
-    kl = torch.cat(kls)
-    ppl_ref, ppl_q = torch.cat(nll_ref).mean().exp().item(), torch.cat(nll_q).mean().exp().item()
-    quality = Quality(
-        dtype=str(dtype).removeprefix("torch."), samples=windows.shape[0], seq_len=windows.shape[1], tokens=kl.numel(),
-        kl_mean=kl.mean().item(), kl_p99=torch.quantile(kl, 0.99).item(),
-        top1_agreement=torch.cat(agree).float().mean().item(),
-        ppl_reference=ppl_ref, ppl_quantized=ppl_q, ppl_ratio=ppl_q / ppl_ref,
-    )
+    quality = {dtype: comparison.quality(dtype, windows) for dtype, comparison in compared.items()}
     generations = [Generation(prompt=p, reference=r, quantized=q)
                    for p, r, q in zip(prompts, reference_text, quantized_text)]
-    return quality, generations
+    return Compared(quality, bf16_vs_float32.floor() if bf16_vs_float32 else None, generations)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @torch.no_grad()
@@ -341,27 +387,31 @@ def validate_run(run_dir: Path) -> EvalReport:
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
 
     memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
-    dtype = torch_dtype(memory.compute_dtype)
+    # Both models load in their stored dtype, BF16, and are widened for the float32 figures.
+    if not memory.float32_fits:
+        dtypes = (torch.bfloat16,)
+    else:
+        dtypes = (torch.bfloat16, torch.float32) if spec.served else (torch.float32,)
 
     def reference():
         if text_only.wanted(recipe):
-            return text_only.load_text_model(source, config, dtype).eval()
-        return load_within(memory, source, config, scratch / "offload", dtype).eval()  # disk-offloaded if it was
+            return text_only.load_text_model(source, config, torch.bfloat16).eval()
+        return load_within(memory, source, config, scratch / "offload", torch.bfloat16).eval()  # disk-offloaded if it was
 
     recorded = record_problems(run_dir, manifest)
     unreadable = unreadable_tensor_files(export)
     for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
-    quality, generations, load_problems = None, [], unreadable
+    compared, load_problems = None, unreadable
     try:
         if unreadable:
             raise LoadProblems("; ".join(unreadable))
         if qconfig_wrong:
             raise LoadProblems("not loaded: the export's quantization_config does not say what the plan says, "
                                "so a loader would read its integers wrongly (see the structure problems)")
-        quality, generations = compare_models(reference, lambda: load_export(cls, export, fmt, dtype), windows, scratch,
-                                              tokenizer, spec.prompts, spec.max_new_tokens)
+        compared = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch, tokenizer,
+                                  spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype))
     except LoadProblems as err:
         load_problems = unreadable or [str(err)]
     finally:
@@ -375,11 +425,15 @@ def validate_run(run_dir: Path) -> EvalReport:
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=[] if unreadable else ["the source's weights are not available locally to compare with"]))
     structure.problems = recorded + qconfig_wrong + sidecars_wrong + structure.problems
+    by_dtype = compared.quality if compared else {}
+    quality = by_dtype.get(torch.float32) or by_dtype.get(torch.bfloat16)
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
+        served=by_dtype[torch.bfloat16] if torch.float32 in by_dtype else None,
+        bf16_floor=compared.bf16_floor if compared else None,
         sizes=measure_sizes(export, weights_dir, plan, fmt),
-        generations=generations,
+        generations=compared.generations if compared else [],
         structure=structure, gates=check_gates(recipe.gates, quality) if quality else [], serving=serving_record(plan),
         load_problems=load_problems, versions=library_versions(),
     )
@@ -395,21 +449,33 @@ def validate_run(run_dir: Path) -> EvalReport:
     return report
 
 
+_QUALITY_ROWS = {"kl_mean": ("KL mean (unquantized ‖ quantized)", 5), "kl_p99": ("KL p99", 5),
+                 "top1_agreement": ("top-1 agreement", 4), "ppl_reference": ("perplexity, unquantized", 3),
+                 "ppl_quantized": ("perplexity, quantized", 3), "ppl_ratio": ("perplexity ratio", 4)}
+
+
+def quality_table(report: EvalReport) -> list[str]:
+    """One column per measured figure: the quantization error (float32), as served (bf16) and bf16's own
+    floor; or the one figure measured where float32 did not fit."""
+    if report.served is None:
+        columns = {f"both in {report.quality.dtype}": report.quality}
+    else:
+        columns = {"quantization error (both in float32)": report.quality, "as served (both in bf16)": report.served,
+                   "bf16's own floor (source in bf16 vs float32)": report.bf16_floor}
+    rows = [f"| metric | {' | '.join(columns)} |", "|---|" + "---:|" * len(columns)]
+    for key, (label, digits) in _QUALITY_ROWS.items():
+        values = [getattr(figures, key, None) for figures in columns.values()]
+        rows.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in values) + " |")
+    return rows
+
+
 def render_markdown(report: EvalReport) -> str:
     q, s = report.quality, report.sizes
-    quality_rows = [
-        f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).", "",
-        "| metric | value |", "|---|---|",
-        f"| KL mean (unquantized ‖ quantized) | {q.kl_mean:.5f} |",
-        f"| KL p99 | {q.kl_p99:.5f} |",
-        f"| top-1 agreement | {q.top1_agreement:.4f} |",
-        f"| perplexity, unquantized | {q.ppl_reference:.3f} |",
-        f"| perplexity, quantized | {q.ppl_quantized:.3f} |",
-        f"| perplexity ratio | {q.ppl_ratio:.4f} |",
-    ] if q else [f"Quality not measured: {'; '.join(report.load_problems)}", "", "| metric | value |", "|---|---|"]
+    quality = ([f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).",
+                "", *quality_table(report)] if q else [f"Quality not measured: {'; '.join(report.load_problems)}"])
     lines = [
         f"# Validation: {report.model_id}, {report.scheme}", "",
-        *quality_rows,
+        *quality, "", "| size | value |", "|---|---|",
         f"| weights on disk | {s.export_weights_bytes / 1e6:,.1f} MB vs {s.source_weights_bytes / 1e6:,.1f} MB BF16"
         f"{'' if s.source_measured else ' (estimated)'} ({s.export_vs_source:.1%}) |",
         f"| bits per quantized parameter | {s.bits_per_quantized_param:.3f} |", "",

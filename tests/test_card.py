@@ -41,19 +41,23 @@ def test_metadata_round_trips_and_the_manifest_records_the_card(validated_run):
 def test_body_quotes_the_measured_numbers(validated_run):
     text = _card(validated_run).text
     report = json.loads((validated_run / "eval.json").read_text())
-    q, s = report["quality"], report["sizes"]
-    for row in (f"| KL divergence, mean (unquantized ‖ quantized, nats per token) | {q['kl_mean']:.5f} |",
-                f"| KL divergence, p99 | {q['kl_p99']:.5f} |",
-                f"| top-1 agreement | {q['top1_agreement']:.4f} |",
-                f"| perplexity, unquantized | {q['ppl_reference']:.3f} |",
-                f"| perplexity, quantized | {q['ppl_quantized']:.3f} |",
-                f"| perplexity ratio (quantized / unquantized) | {q['ppl_ratio']:.4f} |",
+    q, served, floor, s = report["quality"], report["served"], report["bf16_floor"], report["sizes"]
+    assert (q["dtype"], served["dtype"]) == ("float32", "bfloat16")  # a tiny model fits in float32
+    for row in (f"| KL divergence, mean (unquantized ‖ quantized, nats per token) | {q['kl_mean']:.5f} | "
+                f"{served['kl_mean']:.5f} | {floor['kl_mean']:.5f} |",
+                f"| KL divergence, p99 | {q['kl_p99']:.5f} | {served['kl_p99']:.5f} | {floor['kl_p99']:.5f} |",
+                f"| top-1 agreement | {q['top1_agreement']:.4f} | {served['top1_agreement']:.4f} | "
+                f"{floor['top1_agreement']:.4f} |",
+                f"| perplexity, unquantized | {q['ppl_reference']:.3f} | {served['ppl_reference']:.3f} | |",
+                f"| perplexity, quantized | {q['ppl_quantized']:.3f} | {served['ppl_quantized']:.3f} | |",
+                f"| perplexity ratio (quantized / unquantized; floor: bf16 / float32) | {q['ppl_ratio']:.4f} | "
+                f"{served['ppl_ratio']:.4f} | {floor['ppl_ratio']:.4f} |",
                 f"| weights on disk | {s['export_weights_bytes'] / 1e6:.2f} MB |",
                 f"| BF16 source weights | {s['source_weights_bytes'] / 1e6:.2f} MB |",
                 f"| bits per quantized parameter | {s['bits_per_quantized_param']:.3f} (int4 plus a BF16 scale per 128"):
         assert row in text
     assert "2 windows of 64 tokens (128 tokens scored)" in text and "built-in held-out text" in text
-    assert f"both models computing in {q['dtype']}" in text and q["dtype"] in ("float32", "bfloat16")
+    assert "**quantization error**, both models computing in float32" in text
     assert "- none set in the recipe" in text and "**Validation: passed**" in text
     assert "| calibration | none (RTN is data-free) |" in text
     assert "one BF16 scale per group of 128 input features" in text
@@ -62,6 +66,28 @@ def test_body_quotes_the_measured_numbers(validated_run):
         "this version of gemma-quant has no vLLM serve check: vLLM's CPU build lacks its W4A16 kernel on AVX2-only "
         "CPUs, one of the machine kinds it is tested on")}
     assert f"Not checked in vLLM: {report['serving']['reason']}." in text
+
+
+@pytest.mark.parametrize("measured, why", [
+    ("served", "Both models computing in bf16: the model does not fit in float32 within the memory budget, so these "
+     "figures include bf16 arithmetic's own rounding, and the quantization error alone was not measured."),
+    ("quality", "Both models computing in float32 from their BF16 weights: the quantization error, without bf16 "
+     "arithmetic's own rounding. The quality as served in bf16 was not measured (the recipe sets "
+     "`eval.served: false`)."),
+])
+def test_a_card_with_one_figure_shows_it_and_says_which_it_is(validated_copy, measured, why):
+    """One figure: bf16 only (the model does not fit in float32), or float32 only (`eval.served: false`)."""
+    from pipeline.card import render_card
+
+    path = validated_copy / "eval.json"
+    report = json.loads(path.read_text())
+    q = report["quality"] = report[measured] | {"kl_mean": 0.0123}
+    report["served"] = report["bf16_floor"] = None
+    path.write_text(json.dumps(report))
+    text = render_card(validated_copy).text
+    assert "| KL divergence, mean (unquantized ‖ quantized, nats per token) | 0.01230 |" in text
+    assert f"| perplexity ratio (quantized / unquantized) | {q['ppl_ratio']:.4f} |" in text
+    assert why in text and "bf16's own floor" not in text
 
 
 def test_kept_modules_are_counted_by_component(validated_run):

@@ -29,10 +29,13 @@ def test_measuring_dtype_is_float32_only_where_bf16_is_emulated_and_float32_fits
     recipe = load_recipe(path)
     _, config, plan = make_plan(recipe, path)
 
-    def dtype(has_bf16: bool, cpu_budget: int, gpus=()) -> str:
+    def memory(has_bf16: bool, cpu_budget: int, gpus=()):
         monkeypatch.setattr("pipeline.compute.cpu_computes_bf16", lambda: has_bf16)
         return plan_memory(plan, recipe, config.get_text_config(), cpu_budget, list(gpus),
-                           {"cpu": "recipe", "gpu": "recipe" if gpus else "none"}, path).compute_dtype
+                           {"cpu": "recipe", "gpu": "recipe" if gpus else "none"}, path)
+
+    def dtype(has_bf16: bool, cpu_budget: int, gpus=()) -> str:
+        return memory(has_bf16, cpu_budget, gpus).compute_dtype
 
     roomy = 10**12
     assert dtype(False, roomy) == "float32"
@@ -43,6 +46,10 @@ def test_measuring_dtype_is_float32_only_where_bf16_is_emulated_and_float32_fits
                         path).needs["all_at_once_host"]
     assert dtype(False, needs + plan.bf16_bytes) == "float32"
     assert dtype(False, needs + plan.bf16_bytes - 1) == "bfloat16"  # resident in BF16, no room for float32
+    # Validation's float32 figure (the quantization error) wherever the model fits in float32, bf16 or not.
+    assert memory(True, needs + plan.bf16_bytes).float32_fits
+    assert not memory(True, needs + plan.bf16_bytes - 1).float32_fits
+    assert memory(True, roomy, gpus=[roomy]).float32_fits
 
 
 def test_computing_in_float32_is_the_float32_model_and_restores_every_bit():

@@ -54,8 +54,40 @@ def test_good_export_passes_with_numbers_and_report(good_run):
     assert set(report["versions"]) >= {"torch", "transformers", "llmcompressor", "compressed-tensors"}
     assert manifest["validation"]["export_files"]["model.safetensors"]["bytes"] == \
         (good_run / "export" / "model.safetensors").stat().st_size
+    served, floor = report["served"], report["bf16_floor"]
+    assert (q["dtype"], served["dtype"]) == ("float32", "bfloat16") and served["tokens"] == q["tokens"]
+    assert floor["kl_mean"] > 0 and served["kl_mean"] != q["kl_mean"]
     md = (good_run / "eval.md").read_text()
-    assert "| top-1 agreement |" in md and "**def fibonacci(n):**" in md
+    assert (f"| top-1 agreement | {q['top1_agreement']:.4f} | {served['top1_agreement']:.4f} | "
+            f"{floor['top1_agreement']:.4f} |") in md and "**def fibonacci(n):**" in md
+
+
+def test_three_figures_of_a_model_against_itself_are_zero_but_bf16_s_floor(tmp_path):
+    """The same tiny model on both sides: no quantization error in float32 nor in bf16, and bf16's floor is
+    the KL between the model's own bf16 and float32 logits, computed here directly."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model import ModelSpec, load_config, load_model, resolve
+    from pipeline.validate import compare_models
+
+    source = resolve(ModelSpec(id="tiny:e2b"))
+    config = load_config(source)
+    tokenizer = AutoTokenizer.from_pretrained(source.ref)
+    windows = token_windows(tokenizer, builtin_texts("eval"), 2, 32)
+    compared = compare_models(lambda: load_model(source, config), lambda: load_model(source, config), windows,
+                              tmp_path, tokenizer, ["Water boils at"], 4, (torch.bfloat16, torch.float32),
+                              torch.float32)
+    error, served, floor = compared.quality[torch.float32], compared.quality[torch.bfloat16], compared.bf16_floor
+    assert (error.kl_mean, served.kl_mean, error.top1_agreement, served.top1_agreement) == (0, 0, 1, 1)
+    bf16_model, fp32_model = load_model(source, config), load_model(source, config, dtype=torch.float32)
+    kls = []
+    with torch.no_grad():
+        for window in windows.split(1):
+            bf16 = torch.log_softmax(bf16_model(input_ids=window).logits.float(), -1)
+            fp32 = torch.log_softmax(fp32_model(input_ids=window).logits, -1)
+            kls.append((fp32.exp() * (fp32 - bf16)).sum(-1).flatten())
+    assert floor.kl_mean == pytest.approx(torch.cat(kls).mean().item(), rel=1e-5) and floor.kl_mean > 0
+    assert list(tmp_path.iterdir()) == []  # every logits file removed once compared
 
 
 def test_validation_is_deterministic(run_copy, good_run):
