@@ -119,6 +119,9 @@ def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: P
     time: the quantized one first (so an export that does not load cleanly fails before any work), its
     logits kept on disk while the reference runs, each file removed once compared."""
     def passes(model, what: str):
+        # One short forward in the stored dtype first: a reloaded export's compressed-tensors modules set up
+        # their weights at the first forward, in the dtype it runs in, and a float32 one would mix dtypes.
+        _window_logits(model, windows[:1, :8])
         for dtype in dtypes:
             with computing_in(model, dtype):
                 for i, window in enumerate(tqdm(windows.split(1), desc=f"{what} logits, {_name(dtype)}", leave=False)):
@@ -430,7 +433,7 @@ def validate_run(run_dir: Path) -> EvalReport:
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
-        served=by_dtype[torch.bfloat16] if torch.float32 in by_dtype else None,
+        served=by_dtype.get(torch.bfloat16) if torch.float32 in by_dtype else None,
         bf16_floor=compared.bf16_floor if compared else None,
         sizes=measure_sizes(export, weights_dir, plan, fmt),
         generations=compared.generations if compared else [],

@@ -292,3 +292,12 @@ def test_validate_judges_the_export_against_what_was_written_and_publish_refuses
     manifest = json.loads((run_copy / "manifest.json").read_text())
     assert manifest["status"] == "failed_validation" and any(expected in f for f in manifest["validation"]["failures"])
     assert main(["publish", str(run_copy), "--repo-id", "me/x", "--dry-run"]) == 1
+
+
+def test_served_false_measures_the_float32_figure_only(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: tiny:e2b\nscheme: W4A16\noutput_dir: {tmp_path / 'run'}\n"
+                      "eval: {samples: 2, seq_len: 32, max_new_tokens: 2, served: false}\n")
+    quantize_run(recipe)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["quality"]["dtype"] == "float32" and report["served"] is None and report["bf16_floor"] is None
