@@ -79,7 +79,8 @@ def cmd_quantize(args) -> int:
     run_dir = args.run_dir or _run_dir(args.recipe)
     try:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
-                                validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args))
+                                validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args),
+                                serve=not args.no_serve)
     except ValidationFailed as err:
         show_eval(run_dir / REJECTED)
         previous = "the previous export is left in place" if (run_dir / "export").is_dir() else "no export is in place"
@@ -107,10 +108,13 @@ def _memory_flags(args):
 
 
 def cmd_validate(args) -> int:
-    from pipeline.validate import ValidationFailed, validate_run
+    from pipeline.validate import ValidationFailed, serve_check_run, validate_run
 
     try:
-        validate_run(args.run_dir)
+        if args.verb == "serve-check":
+            serve_check_run(args.run_dir)
+        else:
+            validate_run(args.run_dir, serve=not args.no_serve)
     except ValidationFailed as err:
         _refresh_card(args.run_dir, after_failure=True)
         show_eval(args.run_dir)
@@ -224,8 +228,12 @@ def show_eval(run_dir: Path) -> None:
                         ("loads cleanly", "no" if report["load_problems"] else "yes")]:
         table.add_row(name, value)
     console.print(table)
-    for gate in report["gates"]:
-        console.print(("[green]" if gate["passed"] else "[red]") + gate["message"] + "[/]")
+    for gate in report["gates"] + report["serving"]["gates"]:
+        console.print(("[green]" if gate["passed"] else "[red]") + escape(gate["message"]) + "[/]")
+    from pipeline.records import Serving
+
+    serving = Serving.model_validate(report["serving"])
+    console.print(f"served by {serving.engine}: {escape(serving.summary)}", highlight=False)
     console.print(f"report: {run_dir / 'eval.md'}")
 
 
@@ -263,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                          help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
     validate.add_argument("run_dir", type=Path)
+    for sub in (quantize, validate):
+        sub.add_argument("--no-serve", action="store_true",
+                         help="skip validation's serve check (the export served by vLLM, where it can run here)")
+    serve_check = verbs.add_parser("serve-check", help="serve a validated run's export with vLLM and compare its "
+                                                       "log-probs with transformers' from validation")
+    serve_check.add_argument("run_dir", type=Path)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
     publish = verbs.add_parser("publish", help="push a validated export to the Hugging Face Hub in one commit")
     for sub in (card, publish):
@@ -278,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or args.verb != "plan" else logging.WARNING,
                         format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:
-        return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate, "card": cmd_card,
+        return {"plan": cmd_plan, "quantize": cmd_quantize, "validate": cmd_validate, "serve-check": cmd_validate,
+                "card": cmd_card,
                 "publish": cmd_publish, "sweep": cmd_sweep}[args.verb](args) or 0
     except RecipeError as err:
         console.print(f"[bold red]recipe error[/] {escape(str(err))}", highlight=False)

@@ -198,10 +198,12 @@ def _description(manifest: Manifest, recipe: Recipe) -> str:
     quality = manifest.validation.quality if manifest.validation else None
     measured = (f"KL mean {quality.kl_mean:.5f}, top-1 agreement {quality.top1_agreement:.4f}, "
                 f"perplexity ratio {quality.ppl_ratio:.4f}") if quality else "quality not measured"
+    serving = manifest.validation.serving if manifest.validation else None
     return "\n".join([
         f"Recipe {recipe.name} (sha256 {manifest.recipe_sha256[:12]}), source {recipe.model.id}"
         + (f"@{recipe.model.revision}" if recipe.model.revision else ""),
         f"Quantized with gemma-quant {manifest.tool.version}; validation: {manifest.status}; {measured}",
+        *([f"Served by {serving.engine}: {serving.summary}"] if serving else []),
     ])
 
 
@@ -215,6 +217,7 @@ def describe(plan: PublishPlan, force: bool = False) -> str:
         f"private:  {'yes' if t.private else 'no'} (applies when the repo is created; an existing repo keeps its "
         "visibility)",
         f"commit:   {plan.commit_message}",
+        *[f"          {line}" for line in plan.commit_description.splitlines()],
         f"files:    {len(plan.files)}, {plan.total_bytes:,} bytes, in one commit; files on the Hub that are not "
         f"listed here are deleted in the same commit (except {', '.join(KEEP_REMOTE)})",
         *[f"  {f.bytes:>15,}  {f.path}" for f in plan.files],

@@ -181,6 +181,22 @@ class Gates(_Strict):
     ppl_ratio_max: float | None = Field(default=None, ge=1)
 
 
+class ServeSpec(_Strict):
+    """Validation's serve check: the export served by vLLM (wherever vLLM can run it here) on the held-out
+    windows, its log-probs against transformers' bf16 log-probs on the same export. The defaults come from
+    measurements (README, "Served by vLLM"): on the real 270M, vLLM's KL and mean |Δ log-prob| were 1.6× and
+    1.2× bf16's own floor, and 33× and 5.9× with one gate_proj scale doubled."""
+
+    vllm: bool = True  # false: not served (recorded as not run, turned off by the recipe)
+    top1_min: float = Field(default=0.9, ge=0, le=1)  # top-1 agreement with transformers
+    # The top-k KL and the mean |Δ log-prob| of the actual tokens at most this many times transformers' own
+    # bf16-against-float32 figures on the same export (where validation measured both dtypes).
+    floor_ratio_max: float | None = Field(default=3.0, gt=1)
+    kl_topk_max: float | None = Field(default=None, gt=0)  # absolute limits, for runs without a floor
+    logprob_diff_max: float | None = Field(default=None, gt=0)
+    startup_timeout_s: float = Field(default=900, gt=0)
+
+
 class CalibrationSource(_Strict):
     source: str = "builtin"  # builtin | a .txt/.jsonl/.parquet file | hf:<dataset id>
     weight: float = Field(default=1.0, gt=0)
@@ -440,6 +456,7 @@ class Recipe(_Strict):
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     gates: Gates = Field(default_factory=Gates)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
     hub: HubSpec = Field(default_factory=HubSpec)
     overrides: list[Override] = Field(default_factory=list)  # per-module bits/group/symmetric/skip
     embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec)

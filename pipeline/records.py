@@ -98,12 +98,49 @@ class GateResult(BaseModel):
     message: str
 
 
+class Agreement(BaseModel):
+    """One runtime's log-probs against another's on the same windows (pipeline/runtimes/scores.py)."""
+    positions: int
+    top1_agreement: float
+    mean_abs_logprob_diff: float  # of the actual next token
+    kl_topk: float  # KL(reference ‖ runtime) over the runtime's top-k tokens and one bucket for the rest
+
+
 class Serving(BaseModel):
-    """The export served by vLLM and its log-probs compared with transformers'. Not run by this version
-    of gemma-quant (see `reason`); a card says so instead of implying a check."""
+    """The export served by a runtime (vLLM) on validation's held-out windows, its log-probs compared with
+    transformers' bf16 log-probs on the same export; or why it was not run, decided before starting it."""
     engine: Literal["vllm"] = "vllm"
-    status: Literal["not_run"]
-    reason: str
+    status: Literal["passed", "failed", "not_run"]
+    reason: str | None = None  # not_run: why; failed: what failed
+    version: str | None = None
+    device: str | None = None
+    command: str | None = None  # what was started
+    served: str | None = None  # the export, or a view of it and why
+    load_seconds: float | None = None
+    positions: int | None = None
+    top1_agreement: float | None = None
+    mean_abs_logprob_diff: float | None = None
+    kl_topk: float | None = None
+    reference_dtype: str | None = None  # what transformers computed in (bf16, else float32)
+    floor: Agreement | None = None  # transformers bf16 against float32 on the same export and windows
+    gates: list[GateResult] = []
+    chat_reply: str | None = None
+
+    @property
+    def summary(self) -> str:
+        if self.status == "not_run":
+            return f"not run ({self.reason})"
+        if self.top1_agreement is None:
+            return f"{self.status} ({self.reason})"
+        floor = f", floor {self.floor.top1_agreement:.4f}" if self.floor else ""
+        return (f"{self.status}, top-1 agreement {self.top1_agreement:.4f} with transformers over {self.positions:,} "
+                f"positions{floor} ({self.version}, {self.device})")
+
+    @property
+    def failures(self) -> list[str]:
+        if self.status != "failed":
+            return []
+        return [f"served by {self.engine}: {self.reason}"] if self.reason else [g.message for g in self.gates if not g.passed]
 
 
 class EvalReport(BaseModel):
@@ -136,6 +173,7 @@ class EvalReport(BaseModel):
         structure = self.structure.problems
         if len(structure) > MAX_LISTED:
             structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
-        return self.load_problems + structure + [g.message for g in self.gates if not g.passed]
+        return (self.load_problems + structure + [g.message for g in self.gates if not g.passed]
+                + self.serving.failures)
 
 

@@ -37,6 +37,7 @@ from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, 
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
 from pipeline.runlock import run_lock
+from pipeline.runtimes.check import SERVE_SCRATCH
 from pipeline.tables import quantize_tables
 
 if TYPE_CHECKING:  # torch and the passes load with the first weight, not with the CLI
@@ -122,12 +123,14 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
 
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
-                 validate: bool = True, card: bool = True, memory: MemorySpec | None = None) -> Manifest:
+                 validate: bool = True, card: bool = True, memory: MemorySpec | None = None,
+                 serve: bool = True) -> Manifest:
     """recipe → plan → load → quantize → export → reload check → manifest → validation → model card,
     all in a candidate folder, then moved into place at once. A candidate that fails validation (which
     raises ValidationFailed) gets its card too, saying so, and is kept in `rejected/`; the previous export
     stays. `memory` overrides the recipe's memory budgets (the CLI's flags); the memory plan is made in the
-    plan stage, before any weight loads."""
+    plan stage, before any weight loads. `serve`: validation's serve check, where a runtime can run the export
+    here (pipeline/runtimes/)."""
     recipe_path = resolve_recipe_path(recipe_ref)
     recipe = load_recipe(recipe_path)
     run_dir = run_dir or recipe.run_dir
@@ -140,7 +143,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         try:
             build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
             if validate:
-                _validate_candidate(candidate, card)
+                _validate_candidate(candidate, card, serve)
             elif card:
                 from pipeline.card import write_card
 
@@ -318,7 +321,7 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
     return manifest
 
 
-def _validate_candidate(candidate: Path, card: bool) -> None:
+def _validate_candidate(candidate: Path, card: bool, serve: bool = True) -> None:
     """Validate the candidate and write its card. One that fails is carded too (the card says so) and kept
     in `rejected/`; the previous export stays in place."""
     from pipeline.export import replace_atomically
@@ -327,7 +330,7 @@ def _validate_candidate(candidate: Path, card: bool) -> None:
     timer, failed = Timer(), None
     with timer.stage("validate"):
         try:
-            validate_run(candidate)
+            validate_run(candidate, serve, logs_dir=candidate.parent / "logs")
         except ValidationFailed as err:
             failed = err
     manifest = Manifest.load(candidate)
@@ -358,7 +361,7 @@ def clear_interrupted(run_dir: Path) -> None:
     for folder in (run_dir / EXPORT, run_dir / REJECTED):
         if restore_interrupted_swap(folder):
             log.info("restored %s, set aside by an interrupted run", folder)
-    patterns = (f"{CANDIDATE}*", ".eval-*", ".*-old-*", f".{EXPORT}-staging-*", ".*.tmp")
+    patterns = (f"{CANDIDATE}*", ".eval-*", f"{SERVE_SCRATCH}*", ".*-old-*", f".{EXPORT}-staging-*", ".*.tmp")
     for stale in sorted(p for pattern in patterns for p in run_dir.glob(pattern)):
         log.info("removing %s, left by an interrupted run", stale.name)
         if stale.is_dir():

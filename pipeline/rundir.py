@@ -5,6 +5,7 @@ runs/<recipe>/
   export/         the complete, reloadable checkpoint (replaced atomically)
   manifest.json   resolved recipe, source, versions, timings, sizes, reload numbers (`Manifest`)
   eval.json/.md   validation's measurements and verdict
+  runtime_reference.safetensors  transformers' log-probs on validation's windows, which the serve check compares with
   rejected/       the last run that failed validation: its export, card, eval and manifest
   logs/           one log per stage invocation
 
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline import __version__
 from pipeline.calibration import CalibrationSet
 from pipeline.recipe import Recipe
-from pipeline.records import Quality, QuantizeReport
+from pipeline.records import Quality, QuantizeReport, Serving
 from pipeline.reload import ReloadReport
 
 EXPORT = "export"
@@ -36,10 +37,11 @@ DIGESTS = "export_digests.json"  # per-tensor sha256 of the export as written
 MEMORY_PLAN = "memory_plan.json"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
+RUNTIME_REFERENCE = "runtime_reference.safetensors"  # transformers' log-probs on validation's windows (serve check)
 OFFLOAD = "offload"  # disk-offloaded weights of a sequential run, removed when the run ends
 REJECTED = "rejected"  # the last candidate that failed validation, kept for inspection
 CANDIDATE = ".candidate-"  # prefix of the folder a run builds in
-RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD)  # a run's files beside export/ and the manifest
+RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD, RUNTIME_REFERENCE)  # a run's files beside export/ and the manifest
 PROMOTING = ".promoting.json"  # a promotion under way: the candidate and the files it moves
 
 Status = Literal["exported", "validated", "failed_validation"]
@@ -111,6 +113,7 @@ class ValidationRecord(_Record):
     report: str = EVAL_JSON
     failures: list[str]
     quality: Quality | None  # as eval.json holds it
+    serving: Serving | None = None  # as eval.json holds it
     export_files: dict[str, FileSum]  # the export as validation checksummed it
 
 

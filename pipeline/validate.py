@@ -35,9 +35,12 @@ from pipeline.plan import Plan
 from pipeline.recipe import Gates
 from pipeline.records import (EvalReport, Floor, GateResult, Generation, MeasuredSizes, Quality, Serving,
                              Structure)
-from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, Manifest,
+from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, RUNTIME_REFERENCE, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
+from pipeline.runtimes.base import Target
+from pipeline.runtimes.check import Reference, serve_check
+from pipeline.runtimes.scores import Scores, scores_from_logits
 from pipeline.tensors import StoredTensors, why_unreadable
 from pipeline.tables import table_problems
 
@@ -111,13 +114,14 @@ class Compared:
 
 def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: Path, tokenizer,
                    prompts: list[str], max_new_tokens: int, dtypes: tuple[torch.dtype, ...],
-                   generate_in: torch.dtype) -> Compared:
+                   generate_in: torch.dtype, on_quantized: Callable | None = None) -> Compared:
     """The quantized model against the reference, both computing in each of `dtypes` (loaded in their
     stored dtype, widened for float32: pipeline/compute.py): per-token KL(reference ‖ quantized), top-1
     agreement and both perplexities; with bf16 and float32, also bf16's own floor (the reference in bf16
     against itself in float32); greedy generations computing in `generate_in`. One model resident at a
     time: the quantized one first (so an export that does not load cleanly fails before any work), its
-    logits kept on disk while the reference runs, each file removed once compared."""
+    logits kept on disk while the reference runs, each file removed once compared. `on_quantized(dtype,
+    window, logits)` sees each of the quantized model's windows."""
     def passes(model, what: str):
         # One short forward in the stored dtype first: a reloaded export's compressed-tensors modules set up
         # their weights at the first forward, in the dtype it runs in, and a float32 one would mix dtypes.
@@ -128,8 +132,10 @@ def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: P
                     yield dtype, i, window, _window_logits(model, window)
 
     model = quantized_fn()
-    for dtype, i, _, logits in passes(model, "quantized"):
+    for dtype, i, window, logits in passes(model, "quantized"):
         torch.save(logits, scratch / f"quantized-{_name(dtype)}-{i}.pt")
+        if on_quantized is not None:
+            on_quantized(dtype, window, logits)
     with computing_in(model, generate_in):
         quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
@@ -172,14 +178,35 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
 # ---------------------------------------------------------------- serving
 
 
-def serving_record(plan: Plan) -> Serving:
-    """Why this validation did not serve the export with vLLM (../shared/notes/gemma4-quantization-findings.md,
-    "vLLM on these CPU machines")."""
-    if plan.tables:
-        return Serving(status="not_run", reason="its quantized token tables are dequantized by a Triton kernel in "
-                       "vLLM, which vLLM's CPU build, the only one this validation can run, lacks")
-    return Serving(status="not_run", reason="this version of gemma-quant has no vLLM serve check: vLLM's CPU build "
-                   "lacks its W4A16 kernel on AVX2-only CPUs, one of the machine kinds it is tested on")
+class ReferenceRecorder:
+    """transformers' log-probs of the export, window by window as compare_models computes them: what the
+    serve check compares a runtime with (pipeline/runtimes/check.py)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows, self.parts = windows, defaultdict(list)
+
+    def __call__(self, dtype: torch.dtype, window: torch.Tensor, logits: torch.Tensor) -> None:
+        self.parts[_name(dtype)].append(scores_from_logits(logits, window))
+
+    def reference(self) -> Reference:
+        return Reference(self.windows, {dtype: Scores.cat(parts) for dtype, parts in self.parts.items()})
+
+
+def served(run_dir: Path, plan: Plan, recipe, logs_dir: Path, serve: bool = True) -> Serving:
+    """The serve check of `run_dir`'s export against validation's reference (pipeline/runtimes/check.py)."""
+    if not serve:
+        return Serving(status="not_run", reason="turned off for this validation (--no-serve)")
+    path = run_dir / RUNTIME_REFERENCE
+    if not path.is_file():
+        return Serving(status="not_run", reason="validation has no transformers log-probs of this export to compare "
+                       "with (it did not load cleanly)")
+    return serve_check(serving_target(run_dir, plan, recipe), Reference.load(path), recipe.serve, run_dir, logs_dir,
+                       recipe.eval.max_new_tokens)
+
+
+def serving_target(run_dir: Path, plan: Plan, recipe) -> Target:
+    config = json.loads((run_dir / EXPORT / "config.json").read_text())
+    return Target(export=run_dir / EXPORT, plan=plan, config=config, kv_cache=recipe.kv_cache)
 
 
 # ---------------------------------------------------------------- structure
@@ -365,9 +392,10 @@ def read_digests(run_dir: Path) -> dict[str, str] | None:
 
 
 @holds_run_lock
-def validate_run(run_dir: Path) -> EvalReport:
-    """Validate `run_dir/export`; write eval.json, eval.md and the manifest's verdict.
-    Raises ValidationFailed (after writing everything) when a structural check or gate fails."""
+def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None) -> EvalReport:
+    """Validate `run_dir/export`; write eval.json, eval.md and the manifest's verdict. `serve`: also the serve
+    check, where a runtime can run the export here (its log in `logs_dir`, default run_dir/logs).
+    Raises ValidationFailed (after writing everything) when a structural check, gate or serve check fails."""
     from transformers import AutoTokenizer
 
     manifest = Manifest.load(run_dir)
@@ -407,6 +435,8 @@ def validate_run(run_dir: Path) -> EvalReport:
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     compared, load_problems = None, unreadable
+    recorder = ReferenceRecorder(windows)
+    (run_dir / RUNTIME_REFERENCE).unlink(missing_ok=True)  # an earlier validation's: not this export's
     try:
         if unreadable:
             raise LoadProblems("; ".join(unreadable))
@@ -414,7 +444,9 @@ def validate_run(run_dir: Path) -> EvalReport:
             raise LoadProblems("not loaded: the export's quantization_config does not say what the plan says, "
                                "so a loader would read its integers wrongly (see the structure problems)")
         compared = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch, tokenizer,
-                                  spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype))
+                                  spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype),
+                                  on_quantized=recorder)
+        recorder.reference().save(run_dir / RUNTIME_REFERENCE)
     except LoadProblems as err:
         load_problems = unreadable or [str(err)]
     finally:
@@ -437,19 +469,38 @@ def validate_run(run_dir: Path) -> EvalReport:
         bf16_floor=compared.bf16_floor if compared else None,
         sizes=measure_sizes(export, weights_dir, plan, fmt),
         generations=compared.generations if compared else [],
-        structure=structure, gates=check_gates(recipe.gates, quality) if quality else [], serving=serving_record(plan),
+        structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
+        serving=served(run_dir, plan, recipe, logs_dir or run_dir / "logs", serve),
         load_problems=load_problems, versions=library_versions(),
     )
+    _write_verdict(run_dir, manifest, report, file_checksums(export))
+    return report
+
+
+@holds_run_lock
+def serve_check_run(run_dir: Path, logs_dir: Path | None = None) -> EvalReport:
+    """The serve check alone, on a validated run (`gemma-quant serve-check`): against the transformers
+    log-probs validation recorded, so an export changed since disagrees. Updates eval.json, eval.md and
+    the manifest's verdict; raises ValidationFailed when the check fails."""
+    manifest = Manifest.load(run_dir)
+    if manifest.validation is None or not (run_dir / EVAL_JSON).is_file():
+        raise ValidationFailed(f"{run_dir} was not validated: run `gemma-quant validate {run_dir}` first")
+    report = EvalReport.model_validate_json((run_dir / EVAL_JSON).read_text())
+    report.serving = served(run_dir, Plan.load(run_dir / PLAN), manifest.recipe, logs_dir or run_dir / "logs")
+    _write_verdict(run_dir, manifest, report)
+    return report
+
+
+def _write_verdict(run_dir: Path, manifest: Manifest, report: EvalReport, export_files=None) -> None:
     write_json_atomically(run_dir / EVAL_JSON, report.model_dump(mode="json") | {"passed": report.passed})
     (run_dir / EVAL_MD).write_text(render_markdown(report))
     manifest.status = "validated" if report.passed else "failed_validation"
-    manifest.validation = ValidationRecord(passed=report.passed, failures=report.failures,
-                                           quality=quality,
-                                           export_files=file_checksums(export))
+    manifest.validation = ValidationRecord(passed=report.passed, failures=report.failures, quality=report.quality,
+                                           serving=report.serving,
+                                           export_files=export_files or manifest.validation.export_files)
     manifest.save(run_dir)
     if not report.passed:
         raise ValidationFailed("validation failed: " + "; ".join(report.failures))
-    return report
 
 
 _QUALITY_ROWS = {"kl_mean": ("KL mean (unquantized ‖ quantized)", 5), "kl_p99": ("KL p99", 5),
@@ -472,6 +523,28 @@ def quality_table(report: EvalReport) -> list[str]:
     return rows
 
 
+def serving_lines(serving: Serving) -> list[str]:
+    if serving.status == "not_run":
+        return [f"Not run: {serving.reason}."]
+    lines = [f"{serving.status.upper()}: {serving.version} on {serving.device}, started as `{serving.command}` "
+             f"({serving.load_seconds} s to serve), given {serving.served}."]
+    if serving.top1_agreement is None:
+        return lines + ["", f"- {serving.reason}"]
+    rows = {"top1_agreement": ("top-1 agreement", 4), "mean_abs_logprob_diff": ("mean |Δ log-prob|, actual token", 4),
+            "kl_topk": ("KL over vLLM's top-20 and the rest", 5)}
+    floor = serving.floor
+    lines += ["", f"{serving.positions:,} held-out positions, vLLM against transformers computing in "
+              f"{serving.reference_dtype} on the same export; the floor is transformers in bf16 against float32.", "",
+              "| metric | vLLM vs transformers | floor |", "|---|---:|---:|"]
+    for key, (label, digits) in rows.items():
+        lines.append(f"| {label} | {getattr(serving, key):.{digits}f} | "
+                     + (f"{getattr(floor, key):.{digits}f}" if floor else "not measured") + " |")
+    lines += ["", *[f"- {g.message}" for g in serving.gates]]
+    if serving.chat_reply is not None:
+        lines += [f"- chat reply through the chat template: {serving.chat_reply!r}"]
+    return lines
+
+
 def render_markdown(report: EvalReport) -> str:
     q, s = report.quality, report.sizes
     quality = ([f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).",
@@ -488,7 +561,7 @@ def render_markdown(report: EvalReport) -> str:
         f"{report.structure.kept_identical} kept tensors bit-identical to the source, "
         f"{report.structure.quantized_stored} quantized modules stored packed.",
         *[f"- PROBLEM: {p}" for p in report.structure.problems], "",
-        "## Served by vLLM", "", f"Not run: {report.serving.reason}.", "",
+        "## Served by vLLM", "", *serving_lines(report.serving), "",
         "## Greedy generations", "",
     ]
     for g in report.generations:

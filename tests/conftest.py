@@ -7,6 +7,9 @@ import yaml
 # Tests never reach the network; tiny models are built into a per-session cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A vLLM start costs half a minute or more: validation's serve check runs only in the serve tests
+# (tests/test_serve.py), which point it back at vLLM's environment.
+os.environ["GEMMA_QUANT_VLLM"] = "off"
 # `make test` runs the fast tier on pytest-xdist workers, one per core: each worker computes on one
 # thread, so two workers never fight over two cores (set before torch is imported).
 if os.environ.get("PYTEST_XDIST_WORKER"):
