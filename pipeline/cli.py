@@ -90,8 +90,8 @@ def cmd_quantize(args) -> int:
     sizes = manifest.sizes
     if not args.no_validate:
         show_eval(run_dir)
-    console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes.export_weights_bytes)} weights; "
-                  f"plan estimated {_gb(sizes.export_weights_bytes_estimate)})")
+    estimate = "" if manifest.export.gguf else f"; plan estimated {_gb(sizes.export_weights_bytes_estimate)}"
+    console.print(f"[bold green]done[/]: {run_dir}/export ({_gb(sizes.export_weights_bytes)} weights{estimate})")
     return 0
 
 
@@ -211,6 +211,8 @@ def show_eval(run_dir: Path) -> None:
     from pipeline.rundir import EVAL_JSON
 
     report = json.loads((run_dir / EVAL_JSON).read_text())
+    if report.get("gguf"):
+        return show_gguf_eval(run_dir, report)
     q, s = report["quality"], report["sizes"]
     title = f"validation: {report['model_id']}, {report['scheme']}"
     table = Table(title=f"{title} ({q['samples']}×{q['seq_len']} held-out tokens)" if q else title)
@@ -234,6 +236,24 @@ def show_eval(run_dir: Path) -> None:
 
     serving = Serving.model_validate(report["serving"])
     console.print(f"served by {serving.engine}: {escape(serving.summary)}", highlight=False)
+    console.print(f"report: {run_dir / 'eval.md'}")
+
+
+def show_gguf_eval(run_dir: Path, report: dict) -> None:
+    """An `export: gguf` run: each file as llama.cpp scored it."""
+    table = Table(title=f"validation: {report['model_id']}, GGUF files in llama.cpp")
+    for col in ("file", "type", "size", "bits/weight", "KL mean", "top-1", "PPL ratio"):
+        table.add_column(col, justify="left" if col in ("file", "type") else "right")
+    for g in report["gguf"]:
+        q = g["quality"]
+        table.add_row(g["file"], g["label"], _gb(g["bytes"]), f"{g['bits_per_weight']:.2f}",
+                      *((f"{q['kl_mean']:.5f}", f"{q['top1_agreement']:.4f}", f"{q['ppl_ratio']:.4f}") if q
+                        else (escape(g["problem"] or ""), "", "")))
+    console.print(table)
+    for gate in report["gates"]:
+        console.print(("[green]" if gate["passed"] else "[red]") + escape(gate["message"]) + "[/]")
+    for problem in report["structure"]["problems"]:
+        console.print(f"[red]{escape(problem)}[/]")
     console.print(f"report: {run_dir / 'eval.md'}")
 
 

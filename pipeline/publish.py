@@ -105,7 +105,7 @@ def prepare(run_dir: Path, repo_id: str | None = None, private: bool | None = No
     card_is_generated = card is not None and CARD in sums and sums[CARD].sha256 == card.sha256
     return PublishPlan(
         run_dir=run_dir, target=target, files=files,
-        problems=status_problems(manifest, run_dir) + completeness_problems(export) + drift_problems(manifest, sums),
+        problems=status_problems(manifest, run_dir) + completeness_problems(export, manifest) + drift_problems(manifest, sums),
         card_metadata=_card_metadata(export / CARD) if CARD in sums else {},
         card_repo_id=card.repo_id if card else None, card_is_generated=card_is_generated,
         commit_message=f"Upload {recipe.name} ({recipe.model.id}, {recipe.scheme} {recipe.algorithm}) "
@@ -141,15 +141,21 @@ def status_problems(manifest: Manifest, run_dir: Path) -> list[str]:
     return [f"the run was not validated (status {status!r}): run `gemma-quant validate {run_dir}` first"]
 
 
-def completeness_problems(export: Path) -> list[str]:
+def completeness_problems(export: Path, manifest: Manifest | None = None) -> list[str]:
     """What users need to load and serve the folder: config with quantization_config, every weight
-    file, tokenizer, and the card."""
+    file, tokenizer, and the card; for a GGUF build, every GGUF file it wrote (each carries its tokenizer
+    and chat template) and the card."""
     from pipeline.export import written_quantization_config
 
     if not export.is_dir():
         return [f"there is no export folder ({export})"]
     names = {p.name for p in export.iterdir() if p.is_file()}
     problems = []
+    if manifest is not None and manifest.export.gguf:
+        problems += [f"{f.name} is missing" for f in manifest.export.gguf if f.name not in names]
+        if CARD not in names:
+            problems.append(f"there is no model card ({CARD}): run `gemma-quant card {export.parent}`")
+        return problems
     if "config.json" not in names:
         problems.append("config.json is missing")
     elif (unreadable := written_quantization_config(export)[1]):

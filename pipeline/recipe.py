@@ -197,6 +197,30 @@ class ServeSpec(_Strict):
     startup_timeout_s: float = Field(default=900, gt=0)
 
 
+GGUFType = Literal["BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1", "IQ4_XS"]
+GGUF_TABLE_SCHEMES = ("bf16", "int8", "int4-g32")  # token tables a GGUF stores as BF16, Q8_0, Q4_0
+
+
+class GGUFSpec(_Strict):
+    """`export: gguf` (pipeline/gguf_export.py): the GGUF types to write, one file each."""
+
+    types: list[GGUFType] = Field(default_factory=lambda: ["Q8_0", "Q4_0", "Q4_K_M"], min_length=1)
+    # Q4_0 / Q8_0 written from this run's integers and scales where its grid is theirs (symmetric, group 32);
+    # false: llama.cpp rounds every type itself, with the importance matrix
+    calibrated: bool = True
+    # also llama.cpp's own rounding of each type written from this run's integers (labelled by the bare type),
+    # so the card shows what the calibration gained at the same size
+    baselines: bool = False
+    imatrix_samples: int = Field(default=32, ge=1)  # calibration windows the importance matrix averages over
+
+    @field_validator("types")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each type once; got {value}")
+        return value
+
+
 class CalibrationSource(_Strict):
     source: str = "builtin"  # builtin | a .txt/.jsonl/.parquet file | hf:<dataset id>
     weight: float = Field(default=1.0, gt=0)
@@ -445,7 +469,9 @@ class Recipe(_Strict):
     modalities: Literal["all", "text"] = "all"
     # compressed-tensors for vLLM/SGLang/transformers; `gptq` (AutoGPTQ layout) and `auto-round` (auto-round's
     # native format) for stacks that load those. All three hold the same integers (pipeline/formats.py).
-    export: Literal["compressed-tensors", "gptq", "auto-round"] = "compressed-tensors"
+    # gguf: one GGUF file per `gguf.types`, for llama.cpp, LM Studio and Ollama (pipeline/gguf_export.py).
+    export: Literal["compressed-tensors", "gptq", "auto-round", "gguf"] = "compressed-tensors"
+    gguf: GGUFSpec = Field(default_factory=GGUFSpec)
     output_dir: str | None = None
     reload_check: bool = True
     # fp8: static FP8 KV-cache scales (k_scale/v_scale per attention layer) calibrated during the
@@ -524,7 +550,12 @@ class Recipe(_Strict):
         if self.searches_scales and (not self.symmetric or any(rule.symmetric is False for rule in self.overrides)):
             raise _KeyError("symmetric", "the importance-weighted scale search (opt-rtn, gptq grid: imatrix) is "
                             "symmetric only; use symmetric: true, or algorithm: gptq with gptq: {grid: minmax}")
-        if self.embeddings.quantized and self.export != "compressed-tensors":
+        if self.export == "gguf":
+            wrong = {k: v for k, v in self.embeddings.model_dump().items() if v not in GGUF_TABLE_SCHEMES}
+            if wrong:
+                raise _KeyError("embeddings", f"a GGUF stores token tables as BF16, Q8_0 or Q4_0 (bf16, int8, int4-g32); "
+                                f"got {wrong}")
+        elif self.embeddings.quantized and self.export != "compressed-tensors":
             raise _KeyError("embeddings", f"quantized token tables are stored as compressed-tensors' packed "
                             f"embeddings, the layout vLLM reads; the {self.export} format has none: use export: "
                             "compressed-tensors, or keep every table bf16")
@@ -539,8 +570,8 @@ class Recipe(_Strict):
 
     @property
     def calibrated(self) -> bool:
-        """Whether the quantize pass needs calibration data: tuned weights, or KV-cache scales."""
-        return self.algorithm_spec.calibrated or self.kv_cache is not None
+        """Whether the run needs calibration data: tuned weights, KV-cache scales, or a GGUF importance matrix."""
+        return self.algorithm_spec.calibrated or self.kv_cache is not None or self.export == "gguf"
 
     @property
     def bits(self) -> int:

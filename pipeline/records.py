@@ -143,6 +143,20 @@ class Serving(BaseModel):
         return [f"served by {self.engine}: {self.reason}"] if self.reason else [g.message for g in self.gates if not g.passed]
 
 
+class GGUFResult(BaseModel):
+    """One GGUF file of an `export: gguf` run, loaded and scored by llama.cpp against the unquantized model."""
+    type: str
+    label: str  # e.g. GPTQ-Q4_0 where the file carries the run's own integers
+    file: str
+    calibrated: bool
+    bytes: int
+    bits_per_weight: float  # the file's bytes over the parameters it stores
+    quality: Quality | None  # None: llama.cpp did not load or score it (`problem`)
+    load_seconds: float | None = None
+    chat_reply: str | None = None
+    problem: str | None = None
+
+
 class EvalReport(BaseModel):
     created: str
     model_id: str
@@ -160,6 +174,7 @@ class EvalReport(BaseModel):
     gates: list[GateResult]
     serving: Serving
     versions: dict[str, str]
+    gguf: list[GGUFResult] = []  # export: gguf, one per file
 
     load_problems: list[str]
 
@@ -173,7 +188,7 @@ class EvalReport(BaseModel):
         structure = self.structure.problems
         if len(structure) > MAX_LISTED:
             structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
-        return (self.load_problems + structure + [g.message for g in self.gates if not g.passed]
-                + self.serving.failures)
+        return (self.load_problems + structure + [f"{g.file}: {g.problem}" for g in self.gguf if g.problem]
+                + [g.message for g in self.gates if not g.passed] + self.serving.failures)
 
 

@@ -32,7 +32,7 @@ from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
                              resolve_recipe_path)
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
-                             RUN_FILES, ExportRecord, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
+                             RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
                              library_versions, write_json_atomically)
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
@@ -244,20 +244,45 @@ def quantize_stage(loaded: Loaded, planned: Planned, recipe: Recipe, data: Calib
     return Quantized(backend, report, in_memory)
 
 
-def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, candidate: Path) -> Exported:
+def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, candidate: Path,
+                 data: CalibrationData | None = None) -> Exported:
     """The quantized model as a complete export in `candidate/export`, and its per-tensor digests."""
     from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
+    from pipeline.gguf_export import gguf_tensor_digests
 
     export = candidate / EXPORT
     export.mkdir()
-    copied = write_export(model, quantized.backend, planned.source, recipe, planned.plan, export)
-    write_json_atomically(candidate / DIGESTS, tensor_digests(export))
+    gguf = []
+    if recipe.export == "gguf":
+        copied, gguf = [], gguf_stage(model, planned, recipe, data, export, candidate)
+        digests = gguf_tensor_digests(export)
+    else:
+        copied = write_export(model, quantized.backend, planned.source, recipe, planned.plan, export)
+        digests = tensor_digests(export)
+    write_json_atomically(candidate / DIGESTS, digests)
     record = ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
-                          tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest())
+                          tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest(),
+                          gguf=gguf)
+    weights = "*.gguf" if recipe.export == "gguf" else "*.safetensors"
     sizes = Sizes(source_bf16_bytes_estimate=planned.plan.bf16_bytes,
                   export_weights_bytes_estimate=planned.plan.export_bytes,
-                  export_weights_bytes=folder_bytes(export, "*.safetensors"), export_bytes=folder_bytes(export))
+                  export_weights_bytes=folder_bytes(export, weights), export_bytes=folder_bytes(export))
     return Exported(record, sizes)
+
+
+def gguf_stage(model, planned: Planned, recipe: Recipe, data: CalibrationData, export: Path,
+               candidate: Path) -> list[GGUFFile]:
+    """`export: gguf`: the GGUF files (pipeline/gguf_export.py) from the source's own weights and this run's integers."""
+    from pipeline.gguf_export import write_gguf
+    from pipeline.validate import source_weights_dir
+
+    work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=candidate))
+    try:
+        return write_gguf(model, planned.plan, recipe, source_weights_dir(planned.source), export,
+                   data.tokens[: recipe.gguf.imatrix_samples], work,
+                   rename=text_only.source_key if text_only.wanted(recipe) else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def reload_stage(export: Path, planned: Planned, recipe: Recipe, probe: torch.Tensor, reference_logits: torch.Tensor,
@@ -294,10 +319,11 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
         with timer.stage("quantize"):
             quantized = quantize_stage(loaded, planned, recipe, data, reference_model)
         with timer.stage("export"):
-            exported = export_stage(loaded.model, quantized, planned, recipe, candidate)
+            exported = export_stage(loaded.model, quantized, planned, recipe, candidate, data)
         loaded.model = None  # the export is the model from here on
         report = None
-        if recipe.reload_check if reload_check is None else reload_check:
+        # a GGUF is not a transformers checkpoint: validation loads it in llama.cpp
+        if (recipe.reload_check if reload_check is None else reload_check) and recipe.export != "gguf":
             with timer.stage("reload_check"):
                 report = reload_stage(candidate / EXPORT, planned, recipe, loaded.probe, loaded.reference_logits,
                                       quantized.in_memory_logits, loaded.measuring)

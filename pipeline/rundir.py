@@ -85,6 +85,14 @@ class FileSum(_Record):
     sha256: str
 
 
+class GGUFFile(_Record):
+    """One file of an `export: gguf` run (pipeline/gguf_export.py)."""
+    type: str  # the GGUF type llama.cpp wrote (Q4_0, Q4_K_M, ...)
+    label: str  # the type, or e.g. GPTQ-Q4_0 where the file carries this run's integers
+    name: str  # file name in the export
+    calibrated: bool  # this run's integers and scales, not llama.cpp's own rounding
+
+
 class ExportRecord(_Record):
     """What the pipeline wrote: validate judges the export against this record."""
     dir: str = EXPORT
@@ -93,6 +101,7 @@ class ExportRecord(_Record):
     tensor_digests: str = DIGESTS
     tensor_digests_sha256: str
     files: dict[str, FileSum]
+    gguf: list[GGUFFile] = []  # export: gguf
 
 
 class Modalities(_Record):
@@ -184,7 +193,7 @@ def write_json_atomically(path: Path, data: dict) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    names = ("torch", "transformers", "llmcompressor", "compressed-tensors", "auto-round", "accelerate")
+    names = ("torch", "transformers", "llmcompressor", "compressed-tensors", "auto-round", "accelerate", "llama-cpp-python")
     found = {"python": platform.python_version(), "gemma-quant": __version__}
     for name in names:
         try:

@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
 # Bumped whenever what build_tiny_source writes changes, so cached tiny sources are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 
 def full_config(variant: str) -> dict:
@@ -120,17 +120,27 @@ def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
 
 
 def _train_tokenizer():
-    """A byte-level BPE tokenizer with Gemma 4's special tokens, trained on stdlib text."""
+    """A BPE tokenizer shaped like Gemma 4's (spaces as "▁", byte fallback to `<0xNN>` tokens, the same decoder,
+    so llama.cpp's converter reads it as it reads Gemma's) with Gemma 4's special tokens, trained on stdlib text."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((topics[k] for k in sorted(topics)), trainer=trainer)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    # Trained with the byte tokens reserved right after the special ones, then rebuilt so that only the special
+    # tokens are special: byte fallback reads `<0xNN>` as ordinary vocabulary, as in Gemma's tokenizer.
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS + byte_tokens, show_progress=False)
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    trained.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # words start with ▁, as in Gemma's
+    trained.train_from_iterator((topics[k] for k in sorted(topics)), trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    tok = Tokenizer(models.BPE(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], unk_token="<unk>",
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
         pad_token="<pad>", mask_token="<mask>", chat_template=CHAT_TEMPLATE, add_bos_token=True,

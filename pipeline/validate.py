@@ -33,7 +33,7 @@ from pipeline.model import Source, load_config, model_class, resolve, sidecar_fi
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import Gates
-from pipeline.records import (EvalReport, Floor, GateResult, Generation, MeasuredSizes, Quality, Serving,
+from pipeline.records import (EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, Quality, Serving,
                              Structure)
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, RUNTIME_REFERENCE, Manifest,
                              ValidationRecord, library_versions, write_json_atomically)
@@ -406,6 +406,26 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     config = load_config(source)
     if text_only.wanted(recipe):
         config = text_only.text_only_config(config)
+    spec = recipe.eval
+    windows = held_out_windows(recipe, source)
+    memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
+    for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
+
+    def reference():
+        if text_only.wanted(recipe):
+            return text_only.load_text_model(source, config, torch.bfloat16).eval()
+        return load_within(memory, source, config, scratch / "offload", torch.bfloat16).eval()  # disk-offloaded if it was
+
+    if recipe.export == "gguf":
+        try:
+            report = validate_gguf(run_dir, manifest, plan, source, windows, reference,
+                                   torch.float32 if memory.float32_fits else torch.bfloat16, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _write_verdict(run_dir, manifest, report, file_checksums(export))
+        return report
     cls = model_class(config)
     fmt = export_format(recipe.export)
     qconfig, qconfig_wrong = written_quantization_config(export)
@@ -413,27 +433,14 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
         qconfig_wrong = config_problems(qconfig, plan, recipe.export)
     sidecars_wrong = sidecar_problems(export, text_only.export_sidecars(recipe, sidecar_files(source)))
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
-    spec = recipe.eval
-    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
-    windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
-
-    memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
     # Both models load in their stored dtype, BF16, and are widened for the float32 figures.
     if not memory.float32_fits:
         dtypes = (torch.bfloat16,)
     else:
         dtypes = (torch.bfloat16, torch.float32) if spec.served else (torch.float32,)
 
-    def reference():
-        if text_only.wanted(recipe):
-            return text_only.load_text_model(source, config, torch.bfloat16).eval()
-        return load_within(memory, source, config, scratch / "offload", torch.bfloat16).eval()  # disk-offloaded if it was
-
     recorded = record_problems(run_dir, manifest)
     unreadable = unreadable_tensor_files(export)
-    for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     compared, load_problems = None, unreadable
     recorder = ReferenceRecorder(windows)
     (run_dir / RUNTIME_REFERENCE).unlink(missing_ok=True)  # an earlier validation's: not this export's
@@ -475,6 +482,82 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     )
     _write_verdict(run_dir, manifest, report, file_checksums(export))
     return report
+
+
+def held_out_windows(recipe, source) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    spec = recipe.eval
+    tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
+    return token_windows(tokenizer, texts, spec.samples, spec.seq_len)
+
+
+def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source, windows: torch.Tensor,
+                  reference_fn: Callable, dtype: torch.dtype, scratch: Path) -> EvalReport:
+    """`export: gguf`: every file loaded by llama.cpp and scored on the held-out windows against the unquantized
+    model in transformers (computing in `dtype`), the same KL / top-1 / perplexity as the other formats'; one
+    chat reply through the file's own chat template; each file's tensors against the digests written at export."""
+    from pipeline.gguf_export import gguf_tensor_digests, has_chat_template, parameters
+    from pipeline.runtimes import RUNTIMES
+    from pipeline.runtimes.base import RuntimeFailed, this_machine
+    from pipeline.runtimes.check import CHAT_MESSAGE
+
+    recipe, export = manifest.recipe, run_dir / EXPORT
+    problems = record_problems(run_dir, manifest)
+    written = read_digests(run_dir) or {}
+    now = gguf_tensor_digests(export)
+    problems += [f"{EXPORT}/{key.replace(':', ': tensor ', 1)} changed since export" for key in sorted(written)
+                 if key in now and now[key] != written[key]]
+    model = reference_fn()
+    with computing_in(model, dtype):
+        for i, window in enumerate(tqdm(windows.split(1), desc=f"reference logits, {_name(dtype)}", leave=False)):
+            torch.save(_window_logits(model, window).float(), scratch / f"reference-{i}.pt")
+    del model
+    results, runtime = [], RUNTIMES["llama.cpp"]
+    for entry in manifest.export.gguf:
+        path = export / entry.name
+        result = dict(type=entry.type, label=entry.label, file=entry.name, calibrated=entry.calibrated,
+                      bytes=path.stat().st_size if path.is_file() else 0, quality=None)
+        result["bits_per_weight"] = 8 * result["bytes"] / max(parameters(path), 1) if path.is_file() else 0.0
+        target = Target(export=path, plan=plan, config={"max_position_embeddings": windows.shape[1]}, kv_cache=None)
+        try:
+            if reason := runtime.why_not(target, this_machine()):
+                raise RuntimeFailed(reason)
+            with runtime.running(target, scratch, scratch / "llama.log", 600) as session:
+                comparison = _Comparison()
+                for i, window in enumerate(tqdm(windows.split(1), desc=f"llama.cpp logits, {entry.label}", leave=False)):
+                    reference_logits = torch.load(scratch / f"reference-{i}.pt")
+                    logits = session.logits(window)
+                    vocab = logits.shape[-1]  # the converter drops table rows past the tokenizer's vocabulary
+                    comparison.add(reference_logits[..., :vocab], logits, window)
+                result.update(quality=comparison.quality(dtype, windows), load_seconds=session.load_seconds,
+                              chat_reply=session.chat(CHAT_MESSAGE, recipe.eval.max_new_tokens)
+                              if has_chat_template(path) else None)
+        except RuntimeFailed as err:
+            result["problem"] = str(err)
+        results.append(GGUFResult(**result))
+    gates = [gate.model_copy(update={"gate": f"{r.label}: {gate.gate}", "message": f"{r.label}: {gate.message}"})
+             for r in results if r.quality for gate in check_gates(recipe.gates, r.quality)]
+    return EvalReport(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), model_id=recipe.model.id,
+        scheme=recipe.scheme, eval=recipe.eval, quality=None, served=None, bf16_floor=None,
+        sizes=gguf_sizes(export, source_weights_dir(source), plan), generations=[],
+        structure=Structure(tensors_checked=len(now), kept_identical=0, quantized_stored=0, problems=problems),
+        gates=gates, serving=Serving(status="not_run", reason="a GGUF build is checked in llama.cpp (above), not vLLM"),
+        versions=library_versions(), load_problems=[], gguf=results)
+
+
+def gguf_sizes(export: Path, source_dir: Path | None, plan: Plan) -> MeasuredSizes:
+    source_bytes = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) if source_dir else 0
+    from pipeline.gguf_export import IMATRIX
+
+    files = sorted(p for p in export.glob("*.gguf") if p.name != IMATRIX)
+    largest = max((p.stat().st_size for p in files), default=0)
+    return MeasuredSizes(source_weights_bytes=source_bytes or plan.bf16_bytes, source_measured=source_bytes > 0,
+                         export_weights_bytes=largest, export_total_bytes=sum(p.stat().st_size for p in files),
+                         export_vs_source=largest / (source_bytes or plan.bf16_bytes), quantized_params=0,
+                         quantized_bytes=0, bits_per_quantized_param=0.0)
 
 
 @holds_run_lock
@@ -545,10 +628,28 @@ def serving_lines(serving: Serving) -> list[str]:
     return lines
 
 
+def gguf_table(report: EvalReport) -> list[str]:
+    """Each GGUF file as llama.cpp scored it against the unquantized model in transformers."""
+    scored = next((g.quality for g in report.gguf if g.quality), None)
+    lines = [f"GGUF files in llama.cpp against the unquantized model in transformers ({scored.dtype}), held-out text: "
+             f"{report.eval.source}, {scored.samples} windows × {scored.seq_len} tokens." if scored else
+             "GGUF files in llama.cpp: none was scored.", "",
+             "| file | type | bytes | bits per weight | KL mean | KL p99 | top-1 | PPL ratio | chat reply |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for g in report.gguf:
+        q = g.quality
+        figures = (f"{q.kl_mean:.5f} | {q.kl_p99:.5f} | {q.top1_agreement:.4f} | {q.ppl_ratio:.4f}" if q
+                   else f"not measured: {g.problem} | | |")
+        lines.append(f"| `{g.file}` | {g.label} | {g.bytes:,} | {g.bits_per_weight:.2f} | {figures} | "
+                     f"{'' if g.chat_reply is None else repr(g.chat_reply)} |")
+    return lines
+
+
 def render_markdown(report: EvalReport) -> str:
     q, s = report.quality, report.sizes
     quality = ([f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).",
-                "", *quality_table(report)] if q else [f"Quality not measured: {'; '.join(report.load_problems)}"])
+                "", *quality_table(report)] if q else gguf_table(report) if report.gguf
+               else [f"Quality not measured: {'; '.join(report.load_problems)}"])
     lines = [
         f"# Validation: {report.model_id}, {report.scheme}", "",
         *quality, "", "| size | value |", "|---|---|",

@@ -33,8 +33,12 @@ def test_mixture_of_sources(tokenizer, tmp_path):
     tokens, per_source = calibration.build(spec, tokenizer)
     assert tokens.shape == (8, 32) and (tokens[:, 0] == tokenizer.bos_token_id).all()
     assert per_source == {"builtin": 6, str(tmp_path / "notes.txt"): 2}
-    fox = tokenizer(" fox", add_special_tokens=False)["input_ids"][0]
-    assert sum(fox in row.tolist() for row in tokens) == 2  # exactly the file's windows
+    fox = tokenizer(" brown fox jumps", add_special_tokens=False)["input_ids"]
+
+    def holds(row: list[int]) -> bool:
+        return any(row[i:i + len(fox)] == fox for i in range(len(row) - len(fox) + 1))
+
+    assert sum(holds(row.tolist()) for row in tokens) == 2  # exactly the file's windows
 
 
 def test_builtin_calibration_never_uses_the_held_out_half():

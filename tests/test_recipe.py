@@ -39,7 +39,7 @@ def test_defaults():
     ({"scheme": "W3A16"}, "scheme", "allowed: 'W4A16' or 'W8A16'"),
     ({"scheme": "W4A16", "group_size": 100}, "group_size", "allowed: 32, 64, 128, 256, 512, 1024, or null"),
     ({"scheme": "W4A16", "group_size": "big"}, "group_size", "valid integer"),
-    ({"scheme": "W4A16", "export": "gguf"}, "export", "allowed: 'compressed-tensors', 'gptq' or 'auto-round'"),
+    ({"scheme": "W4A16", "export": "onnx"}, "export", "allowed: 'compressed-tensors', 'gptq', 'auto-round' or 'gguf'"),
     ({"scheme": "W4A16", "algorithm": "awq"}, "algorithm", "allowed: 'rtn', 'autoround', 'gptq', 'opt-rtn' or 'qat-repack'"),
     ({"scheme": "W4A16", "autoround": {"iters": 0}}, "autoround.iters", "greater than or equal to 1"),
     ({"scheme": "W4A16", "calibration": {"sources": []}}, "calibration.sources", "at least 1 item"),
