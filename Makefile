@@ -58,10 +58,11 @@ plan: setup
 quantize: setup
 	$(BIN)/gemma-quant quantize $(RECIPE)
 
-# make sweep RECIPE=gemma3-270m-w4a16 [POLICIES=uniform-4,sliding3-full4] [BITS=8,4,3]
+# make sweep RECIPE=gemma3-270m-w4a16 [POLICIES=uniform-4,sliding3-full4] [BITS=8,4,3] [GGUF=Q8_0,Q4_0,Q4_K_M]
 # → runs/<recipe>/sweep/{sweep.md, sweep.png, sweep.json}
 sweep: setup
-	$(BIN)/gemma-quant sweep $(RECIPE) $(if $(POLICIES),--policies $(POLICIES)) $(if $(BITS),--bits $(BITS))
+	$(BIN)/gemma-quant sweep $(RECIPE) $(if $(POLICIES),--policies $(POLICIES)) $(if $(BITS),--bits $(BITS)) \
+		$(if $(GGUF),--gguf $(GGUF))
 
 card: setup
 	$(BIN)/gemma-quant card $(RECIPE)

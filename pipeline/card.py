@@ -24,6 +24,7 @@ from pipeline.plan import Kept, Plan
 from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe
 from pipeline.records import EvalReport
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
+from pipeline.text_only import PROCESSOR_FILES
 from pipeline.runlock import holds_run_lock
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
 # vLLM and SGLang reserve KV cache for the whole context length; the configs allow 128K-256K, which
 # rarely fits beside the weights on one GPU. The snippets start here; the card says how far it goes.
 SUGGESTED_CONTEXT = 8192
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
@@ -101,6 +101,7 @@ class Architecture(BaseModel):
     ple: bool
     vision: bool
     audio: bool
+    towers: bool  # vision / audio through encoder towers; False: through small embedders only (the 12B)
     max_positions: int
     total_params: int
     ple_params: int
@@ -246,6 +247,7 @@ def architecture(config: dict, plan: Plan) -> Architecture:
         experts=text.get("num_experts") if moe else None, experts_per_token=text.get("top_k_experts") if moe else None,
         ple=bool(text.get("hidden_size_per_layer_input")),
         vision=bool(config.get("vision_config")), audio=bool(config.get("audio_config")),
+        towers=any(m.component in ("vision", "audio") for m in plan.modules),
         max_positions=text["max_position_embeddings"],
         total_params=plan.total_params,
         ple_params=sum(m.params for m in plan.modules if m.component == "ple" and not m.tied_to),

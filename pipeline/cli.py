@@ -188,16 +188,18 @@ def cmd_sweep(args) -> int:
     from pipeline.sweep import resolve_policies, run_sweep
 
     recipe = load_recipe(args.recipe)
-    policies = resolve_policies(args.policies, args.bits, recipe)
+    # --gguf alone compares GGUF types only; with --policies or --bits, both
+    policies = resolve_policies(args.policies, args.bits, recipe) if args.policies or args.bits or not args.gguf else []
     out_dir = args.run_dir / "sweep" if args.run_dir else None
-    results = run_sweep(args.recipe, policies, out_dir, args.eval_samples, args.eval_seq_len)
+    results = run_sweep(args.recipe, policies, out_dir, args.eval_samples, args.eval_seq_len, args.gguf)
     out_dir = out_dir or recipe.run_dir / "sweep"
     table = Table(title=f"sweep: {recipe.model.id}, {recipe.algorithm}")
     for col in ("policy", "weights", "bits/param", "weight error (all)", "KL mean", "top-1"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in results:
         table.add_row(r.policy, _gb(r.weights_bytes), f"{r.bits_per_quantized_param:.2f}",
-                      f"{r.weight_error['all']:.3f}", f"{r.kl_mean:.4f}", f"{r.top1_agreement:.3f}")
+                      f"{r.weight_error['all']:.3f}" if r.weight_error else "—", f"{r.kl_mean:.4f}",
+                      f"{r.top1_agreement:.3f}")
     console.print(table)
     console.print(f"table: {out_dir / 'sweep.md'}, plot: {out_dir / 'sweep.png'}")
     return 0
@@ -205,6 +207,17 @@ def cmd_sweep(args) -> int:
 
 def _csv(kind):
     return lambda text: [kind(part) for part in text.split(",") if part.strip()]
+
+
+def _gguf_types(text: str) -> list[str]:
+    from typing import get_args
+
+    from pipeline.recipe import GGUFType
+
+    types = _csv(str)(text)
+    if unknown := [t for t in types if t not in get_args(GGUFType)]:
+        raise argparse.ArgumentTypeError(f"unknown GGUF type {unknown[0]!r}; known: {', '.join(get_args(GGUFType))}")
+    return types
 
 
 def show_eval(run_dir: Path) -> None:
@@ -250,6 +263,11 @@ def show_gguf_eval(run_dir: Path, report: dict) -> None:
                       *((f"{q['kl_mean']:.5f}", f"{q['top1_agreement']:.4f}", f"{q['ppl_ratio']:.4f}") if q
                         else (escape(g["problem"] or ""), "", "")))
     console.print(table)
+    if projector := report.get("projector"):
+        console.print(f"projector: {projector['file']} " + (
+            f"[red]{escape(projector['problem'])}[/]" if projector["problem"] else
+            f"loaded by llama.cpp's mtmd (image {projector['vision']}, audio {projector['audio']})")
+            if projector["file"] else f"projector: not written ({escape(projector['why_not'])})")
     for gate in report["gates"]:
         console.print(("[green]" if gate["passed"] else "[red]") + escape(gate["message"]) + "[/]")
     for problem in report["structure"]["problems"]:
@@ -281,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--policies", type=_csv(str), default=None,
                        help="comma-separated policy names (default: a standard set; `recipe`: the recipe as written)")
     sweep.add_argument("--bits", type=_csv(int), default=None, help="uniform policies at these widths, e.g. 8,4,3")
+    sweep.add_argument("--gguf", type=_gguf_types, default=None, metavar="TYPES",
+                       help="GGUF types to add, e.g. Q8_0,Q4_0,Q4_K_M: one GGUF build, each file scored in llama.cpp "
+                            "(needs `make llama-setup`)")
     sweep.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's run directory (+ /sweep)")
     sweep.add_argument("--eval-samples", type=int, default=None, help="held-out windows (default: the recipe's eval)")
     sweep.add_argument("--eval-seq-len", type=int, default=None, help="tokens per window (default: the recipe's eval)")

@@ -53,7 +53,7 @@ COMPONENT_KEPT: dict[str, Kept] = {
 WHY_KEPT: dict[Kept, str] = {
     Kept.VISION: "small and quality-sensitive; vLLM serves it unquantized",
     Kept.AUDIO: "small and quality-sensitive; vLLM serves it unquantized",
-    Kept.PROJECTOR: "maps tower outputs into the text embedding space",
+    Kept.PROJECTOR: "maps image and audio features (tower outputs, or the 12B's raw patches) into the text embedding space",
     Kept.PLE: "the PLE path sits beside the decoder's linears, not in them",
     Kept.LM_HEAD: "tied to embed_tokens; every generated token reads it",
     Kept.EMBEDDING: "not a Linear layer",
@@ -67,7 +67,7 @@ WHY_KEPT: dict[Kept, str] = {
 _COMPONENT_RULES: list[tuple[str, str]] = [
     (r"(^|\.)vision_tower\.", "vision"),
     (r"(^|\.)audio_tower\.", "audio"),
-    (r"(^|\.)(embed_vision|embed_audio|multi_modal_projector)\.", "projector"),
+    (r"(^|\.)(embed_vision|embed_audio|vision_embedder|multi_modal_projector)\.", "projector"),  # vision_embedder: the 12B on disk
     (r"(^|\.)(per_layer_model_projection|per_layer_input_gate|per_layer_projection|embed_tokens_per_layer)\b", "ple"),
     (r"^lm_head$", "lm_head"),
     (r"(^|\.)embed_tokens$", "embedding"),

@@ -144,7 +144,7 @@ def status_problems(manifest: Manifest, run_dir: Path) -> list[str]:
 def completeness_problems(export: Path, manifest: Manifest | None = None) -> list[str]:
     """What users need to load and serve the folder: config with quantization_config, every weight
     file, tokenizer, and the card; for a GGUF build, every GGUF file it wrote (each carries its tokenizer
-    and chat template) and the card."""
+    and chat template; the projector file where it wrote one) and the card."""
     from pipeline.export import written_quantization_config
 
     if not export.is_dir():
@@ -152,7 +152,10 @@ def completeness_problems(export: Path, manifest: Manifest | None = None) -> lis
     names = {p.name for p in export.iterdir() if p.is_file()}
     problems = []
     if manifest is not None and manifest.export.gguf:
-        problems += [f"{f.name} is missing" for f in manifest.export.gguf if f.name not in names]
+        written = [f.name for f in manifest.export.gguf]
+        if manifest.export.projector and manifest.export.projector.name:
+            written.append(manifest.export.projector.name)
+        problems += [f"{name} is missing" for name in written if name not in names]
         if CARD not in names:
             problems.append(f"there is no model card ({CARD}): run `gemma-quant card {export.parent}`")
         return problems

@@ -810,11 +810,12 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def check_against_config(recipe: Recipe, text_config, source: str | Path) -> None:
+def check_against_config(recipe: Recipe, config, source: str | Path) -> None:
     """Model-dependent checks, from the config alone: the group size must divide the width
     that every decoder projection reads (hidden size), else nothing useful can be quantized;
-    no window may be longer than the model's context."""
+    no window may be longer than the model's context; no packed format for the 12B with its embedders."""
     problems = []
+    text_config = config.get_text_config()
     hidden = text_config.hidden_size
     if recipe.group_size is not None and hidden % recipe.group_size:
         divisors = [g for g in GROUP_SIZES if hidden % g == 0]
@@ -825,6 +826,14 @@ def check_against_config(recipe: Recipe, text_config, source: str | Path) -> Non
         if context and seq_len > context:
             problems.append((key, f"{seq_len:,} tokens is longer than the context of {recipe.model.id} "
                              f"({context:,} tokens); allowed: 8 to {context:,}"))
+    if getattr(config, "model_type", None) == "gemma4_unified" and recipe.export in ("gptq", "auto-round") \
+            and recipe.modalities != "text":
+        # Measured with auto-round 0.15.1 (tests/test_family.py): its loader unfuses the 3-D `pos_embedding` as if
+        # it were fused MoE experts, leaving the vision embedder's positions random.
+        problems.append(("export", f"{recipe.export} folders of the 12B ({config.model_type}) do not reload with "
+                                   "its vision embedder: auto-round's loader splits the 3-D `embed_vision.pos_embedding` "
+                                   "like fused MoE experts, so its weights load random; use export: compressed-tensors, "
+                                   "or modalities: text (no embedders)"))
     RecipeError.collect(source, problems)
 
 

@@ -157,6 +157,16 @@ class GGUFResult(BaseModel):
     problem: str | None = None
 
 
+class ProjectorResult(BaseModel):
+    """The vision/audio projector GGUF of a GGUF build, loaded by llama.cpp's mtmd beside a text file."""
+    file: str | None  # None: not written (`why_not`)
+    bytes: int = 0
+    vision: bool = False  # mtmd reports an image encoder
+    audio: bool = False  # and an audio encoder
+    problem: str | None = None  # why llama.cpp did not load it
+    why_not: str | None = None
+
+
 class EvalReport(BaseModel):
     created: str
     model_id: str
@@ -175,6 +185,7 @@ class EvalReport(BaseModel):
     serving: Serving
     versions: dict[str, str]
     gguf: list[GGUFResult] = []  # export: gguf, one per file
+    projector: ProjectorResult | None = None  # export: gguf keeping the towers
 
     load_problems: list[str]
 
@@ -188,7 +199,8 @@ class EvalReport(BaseModel):
         structure = self.structure.problems
         if len(structure) > MAX_LISTED:
             structure = structure[:MAX_LISTED] + [f"... and {len(structure) - MAX_LISTED} more structural problems (eval.json)"]
-        return (self.load_problems + structure + [f"{g.file}: {g.problem}" for g in self.gguf if g.problem]
+        projector = [f"{self.projector.file}: {self.projector.problem}"] if self.projector and self.projector.problem else []
+        return (self.load_problems + structure + [f"{g.file}: {g.problem}" for g in self.gguf if g.problem] + projector
                 + [g.message for g in self.gates if not g.passed] + self.serving.failures)
 
 

@@ -32,8 +32,8 @@ from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
                              resolve_recipe_path)
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
-                             RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Sizes, SourceRecord,
-                             library_versions, write_json_atomically)
+                             RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
+                             Sizes, SourceRecord, library_versions, write_json_atomically)
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
 from pipeline.runlock import run_lock
@@ -69,7 +69,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
     problems = data_file_problems(recipe)
     try:
         source, config = source_and_config(recipe.model, recipe_path)
-        check_against_config(recipe, text_config(config), recipe_path)
+        check_against_config(recipe, config, recipe_path)
     except RecipeError as err:
         problems = err.problems + problems
     RecipeError.collect(recipe_path, problems)
@@ -252,9 +252,9 @@ def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, 
 
     export = candidate / EXPORT
     export.mkdir()
-    gguf = []
+    gguf, projector = [], None
     if recipe.export == "gguf":
-        copied, gguf = [], gguf_stage(model, planned, recipe, data, export, candidate)
+        copied, (gguf, projector) = [], gguf_stage(model, planned, recipe, data, export, candidate)
         digests = gguf_tensor_digests(export)
     else:
         copied = write_export(model, quantized.backend, planned.source, recipe, planned.plan, export)
@@ -262,7 +262,7 @@ def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, 
     write_json_atomically(candidate / DIGESTS, digests)
     record = ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
                           tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest(),
-                          gguf=gguf)
+                          gguf=gguf, projector=projector)
     weights = "*.gguf" if recipe.export == "gguf" else "*.safetensors"
     sizes = Sizes(source_bf16_bytes_estimate=planned.plan.bf16_bytes,
                   export_weights_bytes_estimate=planned.plan.export_bytes,
@@ -271,16 +271,20 @@ def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, 
 
 
 def gguf_stage(model, planned: Planned, recipe: Recipe, data: CalibrationData, export: Path,
-               candidate: Path) -> list[GGUFFile]:
-    """`export: gguf`: the GGUF files (pipeline/gguf_export.py) from the source's own weights and this run's integers."""
-    from pipeline.gguf_export import write_gguf
+               candidate: Path) -> tuple[list[GGUFFile], Projector | None]:
+    """`export: gguf`: the GGUF files (pipeline/gguf_export.py) from the source's own weights and this run's
+    integers, and the towers' projector file where the build keeps them."""
+    from pipeline.gguf_export import write_gguf, write_projector
+    from pipeline.model import is_multimodal
     from pipeline.validate import source_weights_dir
 
     work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=candidate))
+    source_dir = source_weights_dir(planned.source)
     try:
-        return write_gguf(model, planned.plan, recipe, source_weights_dir(planned.source), export,
-                   data.tokens[: recipe.gguf.imatrix_samples], work,
-                   rename=text_only.source_key if text_only.wanted(recipe) else None)
+        files = write_gguf(model, planned.plan, recipe, source_dir, export, data.tokens[: recipe.gguf.imatrix_samples],
+                           work, rename=text_only.source_key if text_only.wanted(recipe) else None)
+        towers = not text_only.wanted(recipe) and is_multimodal(planned.config)
+        return files, write_projector(source_dir, export, recipe, work) if towers else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

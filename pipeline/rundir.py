@@ -93,6 +93,12 @@ class GGUFFile(_Record):
     calibrated: bool  # this run's integers and scales, not llama.cpp's own rounding
 
 
+class Projector(_Record):
+    """The vision/audio projector GGUF (`mmproj-…`) of an `export: gguf` run that keeps the towers."""
+    name: str | None  # file name in the export; None: not written (`why_not`)
+    why_not: str | None = None
+
+
 class ExportRecord(_Record):
     """What the pipeline wrote: validate judges the export against this record."""
     dir: str = EXPORT
@@ -102,6 +108,7 @@ class ExportRecord(_Record):
     tensor_digests_sha256: str
     files: dict[str, FileSum]
     gguf: list[GGUFFile] = []  # export: gguf
+    projector: Projector | None = None  # export: gguf keeping the towers
 
 
 class Modalities(_Record):

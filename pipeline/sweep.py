@@ -4,7 +4,9 @@ Each policy is the recipe with another default scheme and `overrides:` rules, bu
 `quantize` (run.build_candidate: staging, manifest, export and reload checks); per policy the sweep
 measures the export's size on disk, the relative weight reconstruction error ||W - Q(W)|| / ||W|| per
 layer type, and KL / top-1 against the unquantized model on the recipe's held-out text (validate.py's
-measurement).
+measurement). GGUF types join the same table and plot: one `export: gguf` build of the recipe writes a file per
+type (with llama.cpp's own rounding beside any file holding our integers), each scored in llama.cpp on the same
+windows.
 
 runs/<recipe>/sweep/{sweep.md, sweep.json, sweep.png}
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pipeline import text_only
 from pipeline.recipe import Recipe, load_recipe, parse_recipe, resolve_recipe_path
 
 log = logging.getLogger(__name__)
@@ -69,8 +72,8 @@ class PolicyResult(BaseModel):
     mix: dict[str, int]  # scheme label → modules
     weights_bytes: int  # the export's safetensors on disk
     source_bytes: int  # the plan's BF16 estimate of the same model
-    bits_per_quantized_param: float  # weights, scales and zero points of the quantized modules, on disk
-    weight_error: dict[str, float]  # layer type (and "all") → ||W - Q(W)|| / ||W|| over its decoder linears
+    bits_per_quantized_param: float  # weights, scales and zero points of the quantized modules, on disk (GGUF: the file per weight)
+    weight_error: dict[str, float]  # layer type (and "all") → ||W - Q(W)|| / ||W|| over its decoder linears (GGUF: none)
     kl_mean: float
     kl_p99: float
     top1_agreement: float
@@ -104,12 +107,62 @@ def resolve_policies(names: list[str] | None, bits: list[int] | None, recipe: Re
     return list({p.name: p for p in chosen}.values())
 
 
+def gguf_recipe(recipe: Recipe, types: list[str], run_dir: Path) -> Recipe:
+    """The recipe as a GGUF build of `types`, with llama.cpp's own rounding beside each file holding our integers."""
+    data = recipe.model_dump(mode="json", exclude={"gates", "output_dir", "export", "gguf"})
+    data.update(name=f"{recipe.name}-gguf", output_dir=str(run_dir), export="gguf",
+                gguf={**recipe.gguf.model_dump(mode="json"), "types": types, "baselines": True})
+    return parse_recipe(data, source="sweep --gguf")
+
+
+def gguf_rows(recipe: Recipe, recipe_path: Path, types: list[str], reference, windows, measuring, out_dir: Path,
+              when) -> list[PolicyResult]:
+    """One GGUF build of the recipe (quantize's stages), each file scored in llama.cpp against `reference`."""
+    import time
+    from collections import Counter
+
+    from pipeline.gguf_export import parameters, read_gguf
+    from pipeline.plan import Plan
+    from pipeline.rundir import EXPORT, PLAN
+    from pipeline.run import build_candidate
+    from pipeline.validate import save_reference_logits, score_gguf
+
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out_dir))
+    try:
+        variant = gguf_recipe(recipe, types, work)
+        manifest = build_candidate(variant, recipe_path, out_dir, work, when)
+        plan = Plan.load(work / PLAN)
+        save_reference_logits(reference, windows, measuring, work)
+        built = time.perf_counter() - start
+        rows = []
+        for entry in manifest.export.gguf:
+            began = time.perf_counter()
+            path = work / EXPORT / entry.name
+            quality, _, _ = score_gguf(path, plan, windows, measuring, work, entry.label)
+            kinds = Counter(t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) > 1)
+            rows.append(PolicyResult(
+                policy=f"gguf {entry.label}",
+                description=f"our {recipe.algorithm} integers in {entry.type}" if entry.calibrated
+                else f"llama.cpp's {entry.type} with the run's importance matrix",
+                mix=dict(kinds.most_common()), weights_bytes=path.stat().st_size, source_bytes=plan.bf16_bytes,
+                bits_per_quantized_param=8 * path.stat().st_size / parameters(path), weight_error={},
+                kl_mean=quality.kl_mean, kl_p99=quality.kl_p99, top1_agreement=quality.top1_agreement,
+                ppl_ratio=quality.ppl_ratio, seconds=round(built / len(manifest.export.gguf) + time.perf_counter() - began, 1)))
+            log.info("gguf %s: KL %.4f, top-1 %.3f, %.1f MB", entry.label, quality.kl_mean, quality.top1_agreement,
+                     path.stat().st_size / 1e6)
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | None = None,
-              eval_samples: int | None = None, eval_seq_len: int | None = None) -> list[PolicyResult]:
+              eval_samples: int | None = None, eval_seq_len: int | None = None,
+              gguf_types: list[str] | None = None) -> list[PolicyResult]:
     """Quantize the recipe's model under each policy, measure, and write the table, JSON and plot. Each
     policy is built by quantize's own stages (run.build_candidate: plan, memory plan, load, calibration,
     pass, export with its checks, reload check, manifest) in a folder of its own, removed once measured;
-    the calibration windows are built once, in `out_dir`."""
+    the calibration windows are built once, in `out_dir`. `gguf_types` add a row per GGUF file (gguf_rows)."""
     import time
     from datetime import datetime, timezone
 
@@ -134,7 +187,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
-    reference = load_model(source, config).eval()
+    reference = (text_only.load_text_model(source, config) if text_only.wanted(recipe) else load_model(source, config)).eval()
     measuring = torch_dtype(host_compute_dtype())  # the measurements only; every policy quantizes BF16 weights
     results = []
     for policy in policies:
@@ -160,12 +213,16 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
                      results[-1].top1_agreement, results[-1].weights_bytes / 1e6, results[-1].seconds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    if gguf_types:
+        results += gguf_rows(recipe, recipe_path, gguf_types, reference, windows, measuring, out_dir,
+                             datetime.now(timezone.utc))
     write_results(out_dir, recipe, spec, results)
     return results
 
 
 def layer_types(results: list[PolicyResult]) -> list[str]:
-    return [k for k in results[0].weight_error if k != "all"] if results else []
+    measured = [r for r in results if r.weight_error]
+    return [k for k in measured[0].weight_error if k != "all"] if measured else []
 
 
 def render_table(recipe: Recipe, spec, results: list[PolicyResult]) -> str:
@@ -176,13 +233,14 @@ def render_table(recipe: Recipe, spec, results: list[PolicyResult]) -> str:
         f"# Bit-width sweep: {recipe.model.id}, {recipe.algorithm}", "",
         f"Held-out text: {spec.source}, {spec.samples} windows × {spec.seq_len} tokens, against the unquantized "
         "model. Relative weight error: ||W − Q(W)|| / ||W|| over the decoder linears of each layer type "
-        "(kept ones count as exact). Sizes: the exports' safetensors on disk.", "",
+        "(kept ones count as exact). Sizes: the exports' safetensors on disk; a `gguf` row is one GGUF file scored "
+        "in llama.cpp (its mix: the file's tensor types, its bits per weight over every tensor).", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for r in results:
         mix = ", ".join(f"{label} × {n}" for label, n in r.mix.items())
         cells = [f"`{r.policy}`", mix, f"{r.weights_bytes / 1e6:,.1f} MB", f"{r.weights_bytes / r.source_bytes:.1%}",
-                 f"{r.bits_per_quantized_param:.2f}", *[f"{r.weight_error[t]:.3f}" for t in types],
+                 f"{r.bits_per_quantized_param:.2f}", *[f"{r.weight_error[t]:.3f}" if t in r.weight_error else "—" for t in types],
                  f"{r.kl_mean:.4f}", f"{r.kl_p99:.3f}", f"{r.top1_agreement:.3f}", f"{r.ppl_ratio:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -202,14 +260,16 @@ def plot(results: list[PolicyResult], path: Path, title: str) -> None:
                       fontsize=8)
     left.set(xlabel="weights on disk (MB)", ylabel="KL mean vs unquantized (nats/token)", yscale="log",
              title="size against quality")
+    measured = [r for r in results if r.weight_error]  # GGUF rows: llama.cpp's rounding, no weight error of ours
     width = 0.8 / max(len(types), 1)
     for i, t in enumerate(types):
-        left_edges = [j + i * width for j in range(len(results))]
-        right.bar(left_edges, [r.weight_error[t] for r in results], width, label=t)
-    right.set_xticks([j + width * (len(types) - 1) / 2 for j in range(len(results))],
-                     [r.policy for r in results], rotation=30, ha="right", fontsize=8)
+        left_edges = [j + i * width for j in range(len(measured))]
+        right.bar(left_edges, [r.weight_error[t] for r in measured], width, label=t)
+    right.set_xticks([j + width * (len(types) - 1) / 2 for j in range(len(measured))],
+                     [r.policy for r in measured], rotation=30, ha="right", fontsize=8)
     right.set(ylabel="||W − Q(W)|| / ||W||", title="relative weight error by layer type")
-    right.legend(fontsize=8)
+    if types:
+        right.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

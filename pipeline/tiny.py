@@ -18,7 +18,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-VARIANTS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B"}
+VARIANTS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B", "12b": "gemma-4-12B"}
 
 TINY_VOCAB = 1024
 TEXT_HIDDEN = 256
@@ -28,7 +28,7 @@ PLE_DIM = 64
 SLIDING_WINDOW = 32
 
 # Per variant: decoder depth and how many trailing layers share KV (same proportions as the real ones).
-DEPTH = {"e2b": (10, 5), "e4b": (12, 6), "31b": (6, 0), "26b-a4b": (6, 0)}
+DEPTH = {"e2b": (10, 5), "e4b": (12, 6), "31b": (6, 0), "26b-a4b": (6, 0), "12b": (6, 0)}
 
 # Special tokens, in id order after the ordinary vocabulary's reserved ids 0-3.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>",
@@ -97,13 +97,22 @@ def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
     if text.get("enable_moe_block"):
         text.update(num_experts=8, top_k_experts=2,
                     moe_intermediate_size=int(round(text["moe_intermediate_size"] * ratio / 32)) * 32)
-    cfg["vision_config"] = {
-        **cfg["vision_config"],
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 32,
-        "position_embedding_size": 256, "use_clipped_linears": True,
-    }
-    if cfg.get("audio_config"):
+    if cfg["model_type"] == "gemma4_unified":  # the 12B: small embedders (patch_dense, projections), no towers
+        cfg["vision_config"].update(patch_size=4, mm_embed_dim=text_hidden, mm_posemb_size=64,
+                                    output_proj_dims=text_hidden, num_soft_tokens=16)
+        for key in ("model_patch_size", "hidden_size", "intermediate_size"):  # derived or unused by the embedders
+            cfg["vision_config"].pop(key, None)
+        cfg["audio_config"].update(audio_embed_dim=64)
+        for key in ("hidden_size", "output_proj_dims", "audio_samples_per_token"):  # properties of audio_embed_dim
+            cfg["audio_config"].pop(key, None)
+    else:
+        cfg["vision_config"] = {
+            **cfg["vision_config"],
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 32,
+            "position_embedding_size": 256, "use_clipped_linears": True,
+        }
+    if cfg.get("audio_config") and cfg["model_type"] != "gemma4_unified":
         cfg["audio_config"].update(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             subsampling_conv_channels=[16, 8], output_proj_dims=128,

@@ -29,14 +29,14 @@ from pipeline.export import (config_problems, file_checksums, sidecar_problems, 
                              written_quantization_config)
 from pipeline.formats import ExportFormat, expert_slice, export_format, fused_source
 from pipeline.memory import MemoryPlan, load_within
-from pipeline.model import Source, load_config, model_class, resolve, sidecar_files
+from pipeline.model import SIDECAR_PATTERNS, Source, load_config, model_class, resolve, sidecar_files
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import Gates
-from pipeline.records import (EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, Quality, Serving,
-                             Structure)
+from pipeline.records import (EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, ProjectorResult,
+                             Quality, Serving, Structure)
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, RUNTIME_REFERENCE, Manifest,
-                             ValidationRecord, library_versions, write_json_atomically)
+                             Projector, ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
 from pipeline.runtimes.base import Target
 from pipeline.runtimes.check import Reference, serve_check
@@ -348,7 +348,7 @@ def source_weights_dir(source: Source) -> Path | None:
 
     try:
         return Path(snapshot_download(source.spec.id, revision=source.spec.revision,
-                                      allow_patterns=["*.safetensors", "*.json"]))
+                                      allow_patterns=["*.safetensors", *SIDECAR_PATTERNS]))
     except Exception:
         return None
 
@@ -498,10 +498,8 @@ def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source,
     """`export: gguf`: every file loaded by llama.cpp and scored on the held-out windows against the unquantized
     model in transformers (computing in `dtype`), the same KL / top-1 / perplexity as the other formats'; one
     chat reply through the file's own chat template; each file's tensors against the digests written at export."""
-    from pipeline.gguf_export import gguf_tensor_digests, has_chat_template, parameters
-    from pipeline.runtimes import RUNTIMES
-    from pipeline.runtimes.base import RuntimeFailed, this_machine
-    from pipeline.runtimes.check import CHAT_MESSAGE
+    from pipeline.gguf_export import gguf_tensor_digests, parameters
+    from pipeline.runtimes.base import RuntimeFailed
 
     recipe, export = manifest.recipe, run_dir / EXPORT
     problems = record_problems(run_dir, manifest)
@@ -509,34 +507,20 @@ def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source,
     now = gguf_tensor_digests(export)
     problems += [f"{EXPORT}/{key.replace(':', ': tensor ', 1)} changed since export" for key in sorted(written)
                  if key in now and now[key] != written[key]]
-    model = reference_fn()
-    with computing_in(model, dtype):
-        for i, window in enumerate(tqdm(windows.split(1), desc=f"reference logits, {_name(dtype)}", leave=False)):
-            torch.save(_window_logits(model, window).float(), scratch / f"reference-{i}.pt")
-    del model
-    results, runtime = [], RUNTIMES["llama.cpp"]
+    save_reference_logits(reference_fn(), windows, dtype, scratch)
+    results = []
     for entry in manifest.export.gguf:
         path = export / entry.name
         result = dict(type=entry.type, label=entry.label, file=entry.name, calibrated=entry.calibrated,
                       bytes=path.stat().st_size if path.is_file() else 0, quality=None)
         result["bits_per_weight"] = 8 * result["bytes"] / max(parameters(path), 1) if path.is_file() else 0.0
-        target = Target(export=path, plan=plan, config={"max_position_embeddings": windows.shape[1]}, kv_cache=None)
         try:
-            if reason := runtime.why_not(target, this_machine()):
-                raise RuntimeFailed(reason)
-            with runtime.running(target, scratch, scratch / "llama.log", 600) as session:
-                comparison = _Comparison()
-                for i, window in enumerate(tqdm(windows.split(1), desc=f"llama.cpp logits, {entry.label}", leave=False)):
-                    reference_logits = torch.load(scratch / f"reference-{i}.pt")
-                    logits = session.logits(window)
-                    vocab = logits.shape[-1]  # the converter drops table rows past the tokenizer's vocabulary
-                    comparison.add(reference_logits[..., :vocab], logits, window)
-                result.update(quality=comparison.quality(dtype, windows), load_seconds=session.load_seconds,
-                              chat_reply=session.chat(CHAT_MESSAGE, recipe.eval.max_new_tokens)
-                              if has_chat_template(path) else None)
+            result["quality"], result["load_seconds"], result["chat_reply"] = score_gguf(
+                path, plan, windows, dtype, scratch, entry.label, recipe.eval.max_new_tokens)
         except RuntimeFailed as err:
             result["problem"] = str(err)
         results.append(GGUFResult(**result))
+    projector = check_projector(export, manifest.export.projector, results, plan, scratch)
     gates = [gate.model_copy(update={"gate": f"{r.label}: {gate.gate}", "message": f"{r.label}: {gate.message}"})
              for r in results if r.quality for gate in check_gates(recipe.gates, r.quality)]
     return EvalReport(
@@ -545,7 +529,66 @@ def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source,
         sizes=gguf_sizes(export, source_weights_dir(source), plan), generations=[],
         structure=Structure(tensors_checked=len(now), kept_identical=0, quantized_stored=0, problems=problems),
         gates=gates, serving=Serving(status="not_run", reason="a GGUF build is checked in llama.cpp (above), not vLLM"),
-        versions=library_versions(), load_problems=[], gguf=results)
+        versions=library_versions(), load_problems=[], gguf=results, projector=projector)
+
+
+def check_projector(export: Path, written: Projector | None, files: list[GGUFResult], plan: Plan,
+                    scratch: Path) -> ProjectorResult | None:
+    """The projector file loaded by llama.cpp's mtmd beside the first text file llama.cpp scored."""
+    from pipeline.runtimes import RUNTIMES
+    from pipeline.runtimes.base import RuntimeFailed
+
+    if written is None:
+        return None
+    if written.name is None:
+        return ProjectorResult(file=None, why_not=written.why_not)
+    path = export / written.name
+    result = ProjectorResult(file=written.name, bytes=path.stat().st_size if path.is_file() else 0)
+    loaded = next((f for f in files if f.quality), None)
+    if loaded is None:
+        return result.model_copy(update={"problem": "no text file loaded in llama.cpp to load it beside"})
+    target = Target(export=export / loaded.file, plan=plan, config={"max_position_embeddings": 64}, kv_cache=None)
+    try:
+        with RUNTIMES["llama.cpp"].running(target, scratch, scratch / "llama.log", 600) as session:
+            vision, audio = session.projector(path)
+    except RuntimeFailed as err:
+        return result.model_copy(update={"problem": str(err)})
+    towers = {m.component for m in plan.modules}
+    missing = [tower for tower, encodes in (("vision", vision), ("audio", audio)) if tower in towers and not encodes]
+    return result.model_copy(update={"vision": vision, "audio": audio, "problem": (
+        f"llama.cpp's mtmd loaded it without the {' and '.join(missing)} encoder the model has" if missing else None)})
+
+
+def save_reference_logits(model, windows: torch.Tensor, dtype: torch.dtype, scratch: Path) -> None:
+    """The unquantized model's logits per window, computing in `dtype`, into `scratch` for score_gguf."""
+    with computing_in(model, dtype):
+        for i, window in enumerate(tqdm(windows.split(1), desc=f"reference logits, {_name(dtype)}", leave=False)):
+            torch.save(_window_logits(model, window).float(), scratch / f"reference-{i}.pt")
+
+
+def score_gguf(path: Path, plan: Plan, windows: torch.Tensor, dtype: torch.dtype, scratch: Path, label: str,
+               chat_tokens: int = 0) -> tuple[Quality, float, str | None]:
+    """One GGUF file loaded by llama.cpp and scored on `windows` against the reference logits in `scratch`
+    (save_reference_logits): its quality, load seconds, and with `chat_tokens` a greedy reply through the file's
+    own chat template. Raises RuntimeFailed with llama.cpp's reason."""
+    from pipeline.gguf_export import has_chat_template
+    from pipeline.runtimes import RUNTIMES
+    from pipeline.runtimes.base import RuntimeFailed, this_machine
+    from pipeline.runtimes.check import CHAT_MESSAGE
+
+    runtime = RUNTIMES["llama.cpp"]
+    target = Target(export=path, plan=plan, config={"max_position_embeddings": windows.shape[1]}, kv_cache=None)
+    if reason := runtime.why_not(target, this_machine()):
+        raise RuntimeFailed(reason)
+    with runtime.running(target, scratch, scratch / "llama.log", 600) as session:
+        comparison = _Comparison()
+        for i, window in enumerate(tqdm(windows.split(1), desc=f"llama.cpp logits, {label}", leave=False)):
+            reference_logits = torch.load(scratch / f"reference-{i}.pt")
+            logits = session.logits(window)
+            vocab = logits.shape[-1]  # the converter drops table rows past the tokenizer's vocabulary
+            comparison.add(reference_logits[..., :vocab], logits, window)
+        reply = session.chat(CHAT_MESSAGE, chat_tokens) if chat_tokens and has_chat_template(path) else None
+        return comparison.quality(dtype, windows), session.load_seconds, reply
 
 
 def gguf_sizes(export: Path, source_dir: Path | None, plan: Plan) -> MeasuredSizes:
@@ -642,6 +685,11 @@ def gguf_table(report: EvalReport) -> list[str]:
                    else f"not measured: {g.problem} | | |")
         lines.append(f"| `{g.file}` | {g.label} | {g.bytes:,} | {g.bits_per_weight:.2f} | {figures} | "
                      f"{'' if g.chat_reply is None else repr(g.chat_reply)} |")
+    if (projector := report.projector) is not None:
+        lines += ["", f"Projector (mmproj): `{projector.file}`, {projector.bytes:,} bytes, " + (
+            f"failed: {projector.problem}" if projector.problem else
+            f"loaded by llama.cpp's mtmd: image encoder {projector.vision}, audio encoder {projector.audio}")
+            if projector.file else f"Projector (mmproj): not written: {projector.why_not}"]
     return lines
 
 

@@ -94,3 +94,31 @@ def validated_copy(validated_run, tmp_path):
     import shutil
 
     return Path(shutil.copytree(validated_run, tmp_path / "run"))
+
+
+def gptq_integers(stored: dict, name: str, bits: int):
+    """Signed integers [out, in] from the GPTQ layout, unpacked independently of the packer:
+    qweight packs 32 / bits values per int32 along the input dim (low bits first), qzeros stores
+    zero − 1 along the output dim."""
+    import torch
+
+    per_word = 32 // bits
+    mask = 2 ** bits - 1
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    qweight = stored[f"{name}.qweight"]
+    unsigned = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask).reshape(-1, qweight.shape[1])  # [in, out]
+    qzeros = stored[f"{name}.qzeros"]
+    zeros = (((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1) + 1)  # [groups, out]
+    group = unsigned.shape[0] // zeros.shape[0]
+    signed_zero = zeros.repeat_interleave(group, 0)
+    return (unsigned - signed_zero).t()
+
+
+def needs_llama_cpp():
+    """Skip where `make llama-setup` has not run, saying why; in CI, which runs it, fail instead."""
+    from pipeline.runtimes.llamacpp import why_missing
+
+    if reason := why_missing():
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI runs `make llama-setup` before the tests")
+        pytest.skip(reason)

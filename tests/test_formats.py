@@ -11,27 +11,11 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-from conftest import read_tensors
+from conftest import gptq_integers, read_tensors
 from pipeline.formats import FORMATS, kept_problems, scheme_problems
 from pipeline.plan import Plan
 from pipeline.recipe import RecipeError, parse_recipe
 from pipeline.run import quantize_run
-
-
-def gptq_integers(stored: dict, name: str, bits: int) -> torch.Tensor:
-    """Signed integers [out, in] from the GPTQ layout, unpacked independently of the packer:
-    qweight packs 32 / bits values per int32 along the input dim (low bits first), qzeros stores
-    zero − 1 along the output dim."""
-    per_word = 32 // bits
-    mask = 2 ** bits - 1
-    shifts = torch.arange(per_word, dtype=torch.int32) * bits
-    qweight = stored[f"{name}.qweight"]
-    unsigned = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask).reshape(-1, qweight.shape[1])  # [in, out]
-    qzeros = stored[f"{name}.qzeros"]
-    zeros = (((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1) + 1)  # [groups, out]
-    group = unsigned.shape[0] // zeros.shape[0]
-    signed_zero = zeros.repeat_interleave(group, 0)
-    return (unsigned - signed_zero).t()
 
 
 def ct_integers(stored: dict, name: str, bits: int) -> torch.Tensor:

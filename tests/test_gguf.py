@@ -3,22 +3,14 @@ run's integers carried into Q4_0 / Q8_0, every file loaded and scored by llama.c
 `make llama-setup` (CI runs it); skipped elsewhere, saying why."""
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import needs_llama_cpp
 from pipeline.gguf_export import block_bytes
-from pipeline.runtimes.llamacpp import why_missing
-
-
-def _needs_llama_cpp():
-    if reason := why_missing():
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI runs `make llama-setup` before the tests")
-        pytest.skip(reason)
 
 
 def test_blocks_are_ggml_s_q4_0_and_q8_0_layout():
@@ -40,7 +32,7 @@ def test_blocks_are_ggml_s_q4_0_and_q8_0_layout():
 def gguf_runs(tmp_path_factory):
     """One tiny E2B text-only RTN W4A16 g32 run exported as GGUF (BF16, Q8_0, its own Q4_0, llama.cpp's Q4_K_M),
     and the same recipe as compressed-tensors, whose integers the Q4_0 file must hold."""
-    _needs_llama_cpp()
+    needs_llama_cpp()
     from pipeline.run import quantize_run
 
     root = tmp_path_factory.mktemp("gguf")
@@ -67,6 +59,18 @@ def test_every_file_loads_in_llama_cpp_and_is_scored(gguf_runs):
     assert files["BF16"]["quality"]["top1_agreement"] >= 0.99 and kl["BF16"] < kl["Q8_0"] / 5 < kl["RTN-Q4_0"] / 5
     assert files["RTN-Q4_0"]["calibrated"] and not files["Q4_K_M"]["calibrated"]
     assert files["RTN-Q4_0"]["bits_per_weight"] < files["Q8_0"]["bits_per_weight"] < files["BF16"]["bits_per_weight"]
+
+
+def test_each_file_names_its_base_model_and_quantizer(gguf_runs):
+    """general.* as llama.cpp's converter writes them, from our overrides; the file type from llama.cpp's quantizer."""
+    from gguf import GGUFReader
+
+    [q4] = (gguf_runs / "gguf" / "export").glob("*-RTN-Q4_0.gguf")
+    fields = GGUFReader(q4).fields
+    value = {key: fields[key].contents() for key in fields if key.startswith("general.")}
+    assert value["general.name"] == "tiny-e2b" and value["general.quantized_by"] == "gemma-quant"
+    assert value["general.base_model.count"] == 1 and value["general.base_model.0.name"] == "tiny:e2b"
+    assert value["general.file_type"] == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 def test_the_calibrated_q4_0_holds_the_run_s_integers_and_scales(gguf_runs):
@@ -148,6 +152,143 @@ def test_the_importance_matrix_ships_in_llama_cpp_s_format(gguf_runs):
     assert all((tensors[f"{w}.in_sum2"] > 0).all() for w in weights)
 
 
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    """Tiny 26B-A4B (text), RTN W4A16 g32 with its experts quantized per expert: as GGUF, and as a GPTQ folder
+    holding the same integers expert by expert."""
+    needs_llama_cpp()
+    from pipeline.run import quantize_run
+
+    root = tmp_path_factory.mktemp("gguf-moe")
+    common = "model: tiny:26b-a4b\nscheme: W4A16\ngroup_size: 32\nmodalities: text\nquantize_experts: true\n" \
+             "calibration: {samples: 4, seq_len: 64}\neval: {samples: 2, seq_len: 64, max_new_tokens: 4}\n"
+    (root / "gguf.yaml").write_text(common + f"export: gguf\ngguf: {{types: [BF16, Q8_0, Q4_0, Q4_K_M]}}\n"
+                                    f"output_dir: {root / 'gguf'}\n")
+    (root / "gptq.yaml").write_text(common + f"export: gptq\noutput_dir: {root / 'gptq'}\n")
+    quantize_run(root / "gguf.yaml")
+    quantize_run(root / "gptq.yaml", validate=False, card=False)
+    return root
+
+
+def test_moe_every_file_loads_in_llama_cpp_with_the_experts_carried(moe_runs):
+    """Every type loads and is scored; the calibrated Q4_0's fused expert tensors hold, expert by expert, the
+    integers and scales of the GPTQ folder of the same quantization (gate then up along the rows)."""
+    from gguf import GGUFReader
+
+    from conftest import gptq_integers, read_tensors
+
+    report = json.loads((moe_runs / "gguf" / "eval.json").read_text())
+    files = {r["label"]: r for r in report["gguf"]}
+    assert set(files) == {"BF16", "Q8_0", "RTN-Q4_0", "Q4_K_M"} and report["passed"], report
+    kl = {label: r["quality"]["kl_mean"] for label, r in files.items()}
+    # the random router is sensitive: llama.cpp's BF16 already picks a few other experts than transformers
+    assert kl["BF16"] < kl["Q8_0"] < kl["RTN-Q4_0"] and all(r["quality"]["top1_agreement"] >= 0.9 for r in files.values())
+    gptq = read_tensors(moe_runs / "gptq" / "export")
+    [q4] = (moe_runs / "gguf" / "export").glob("*-RTN-Q4_0.gguf")
+    tensors = {t.name: t for t in GGUFReader(q4).tensors}
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in gptq if ".experts." in k})
+    assert len(layers) == 6
+    for layer in layers:
+        prefix = next(k for k in gptq if f".layers.{layer}.experts.0." in k).split(".experts.")[0] + ".experts"
+        for gguf_name, projections in (("ffn_gate_up_exps", ("gate", "up")), ("ffn_down_exps", ("down",))):
+            expected = []
+            for expert in range(8):
+                names = [f"{prefix}.{expert}.{p}_proj" for p in projections]
+                ints = torch.cat([gptq_integers(gptq, n, 4) for n in names])
+                scale = torch.cat([gptq[f"{n}.scales"].t() for n in names])
+                expected.append(block_bytes(ints, scale, "Q4_0"))
+            stored = tensors[f"blk.{layer}.{gguf_name}.weight"]
+            assert stored.tensor_type.name == "Q4_0"
+            assert np.array_equal(np.asarray(stored.data).reshape(8, -1), np.stack(expected).reshape(8, -1)), gguf_name
+
+
+def test_moe_importance_matrix_has_a_row_per_expert(moe_runs):
+    """llama-imatrix's layout for fused experts: in_sum2 [experts, columns], counts [experts, 1]; each token
+    reaches top-k (2) experts."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: np.asarray(t.data) for t in GGUFReader(moe_runs / "gguf" / "export" / "imatrix.gguf").tensors}
+    sums, counts = tensors["blk.0.ffn_gate_up_exps.weight.in_sum2"], tensors["blk.0.ffn_gate_up_exps.weight.counts"]
+    assert sums.shape == (8, 256) and counts.shape == (8, 1) and counts.sum() == 2 * 4 * 64
+    assert tensors["blk.0.ffn_down_exps.weight.in_sum2"].shape == (8, 64)
+    assert tensors["blk.0.attn_q.weight.counts"].item() == 4 * 64
+
+
+def test_experts_the_plan_keeps_stay_bf16_in_every_gguf_type(write_recipe):
+    """Without `quantize_experts`, the plan keeps the fused experts in BF16, and llama.cpp is told so for both of
+    each layer's expert tensors (gguf_name: any GGUF names; only the forced types are checked)."""
+    from pipeline.gguf_export import overrides, weight_tensors
+    from pipeline.recipe import load_recipe
+    from pipeline.run import make_plan
+
+    recipe = load_recipe(write_recipe(model="tiny:26b-a4b", scheme="W4A16", group_size=32, export="gguf"))
+    _, _, plan = make_plan(recipe, "moe")
+    keys = weight_tensors(plan)
+    forced = overrides(recipe, plan, {key: f"t{i}" for i, key in enumerate(keys)})
+    experts = [f"^t{i}$" for i, key in enumerate(keys) if key.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert len(experts) == 2 * 6 and all(forced[e] == "BF16" for e in experts)
+    assert not any(forced.get(f"^t{i}$") for i, key in enumerate(keys) if key.endswith("q_proj.weight"))
+
+
+def test_a_build_keeping_the_towers_ships_a_projector_that_llama_cpp_s_mtmd_loads(tmp_path):
+    """Tiny E2B with its towers, given the processor config real Gemma 4 checkpoints ship (transformers' Gemma 4
+    image processor and audio feature extractor, saved as ProcessorMixin saves them): `mmproj-<name>-F16.gguf`
+    beside the text files, loaded by llama.cpp's mtmd with both encoders, named on the card with the flag that
+    uses it. Without a processor config the run writes none and says why."""
+    from huggingface_hub import ModelCard
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    from pipeline.gguf_export import write_projector
+    from pipeline.model import resolve
+    from pipeline.publish import prepare
+    from pipeline.recipe import ModelSpec, load_recipe
+    from pipeline.run import quantize_run
+
+    needs_llama_cpp()
+    tiny = resolve(ModelSpec(id="tiny:e2b")).path
+    source = shutil.copytree(tiny, tmp_path / "my-e2b")
+    (source / "processor_config.json").write_text(json.dumps({
+        "image_processor": Gemma4ImageProcessorPil().to_dict(), "feature_extractor": Gemma4AudioFeatureExtractor().to_dict(),
+        "processor_class": "Gemma4Processor"}, default=str))
+    (tmp_path / "mm.yaml").write_text(f"model: {source}\nscheme: W4A16\ngroup_size: 32\nexport: gguf\n"
+                                      "gguf: {types: [Q4_0]}\ncalibration: {samples: 2, seq_len: 64}\n"
+                                      f"eval: {{samples: 1, seq_len: 64, max_new_tokens: 4}}\noutput_dir: {tmp_path / 'run'}\n")
+    assert "no processor config" in write_projector(tiny, tmp_path, load_recipe(tmp_path / "mm.yaml"), tmp_path).why_not
+    quantize_run(tmp_path / "mm.yaml")
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["passed"] and report["projector"] == {
+        "file": "mmproj-my-e2b-F16.gguf",
+        "bytes": (tmp_path / "run" / "export" / "mmproj-my-e2b-F16.gguf").stat().st_size,
+        "vision": True, "audio": True, "problem": None, "why_not": None}
+    card = ModelCard.load(tmp_path / "run" / "export" / "README.md").text
+    assert "llama-server -m my-e2b-RTN-Q4_0.gguf -c 4096 --mmproj mmproj-my-e2b-F16.gguf" in card
+    assert "image encoder yes, audio encoder yes" in card
+    assert "mmproj-my-e2b-F16.gguf" in {f.path for f in prepare(tmp_path / "run", "me/x", None, None).files}
+    (tmp_path / "run" / "export" / "mmproj-my-e2b-F16.gguf").unlink()
+    assert "mmproj-my-e2b-F16.gguf is missing" in prepare(tmp_path / "run", "me/x", None, None).problems
+
+
+def test_sweep_puts_gguf_files_beside_the_policies(write_recipe, tmp_path, capsys):
+    """`sweep --gguf`: one GGUF build, a row per file scored in llama.cpp on the policies' windows; the file holding
+    our RTN integers scores as the compressed-tensors policy with the same integers does."""
+    from pipeline.cli import main
+
+    needs_llama_cpp()
+    path = write_recipe("sweep-gguf", model="tiny:e2b", scheme="W4A16", group_size=32, modalities="text",
+                        calibration={"samples": 4, "seq_len": 64})
+    assert main(["sweep", str(path), "--bits", "4", "--gguf", "Q8_0,Q4_0", "--eval-samples", "2",
+                 "--eval-seq-len", "64"]) == 0
+    out_dir = tmp_path / "runs" / "sweep-gguf" / "sweep"
+    results = {r["policy"]: r for r in json.loads((out_dir / "sweep.json").read_text())["results"]}
+    assert list(results) == ["uniform-4", "gguf Q8_0", "gguf RTN-Q4_0", "gguf Q4_0"]
+    assert results["gguf RTN-Q4_0"]["kl_mean"] == pytest.approx(results["uniform-4"]["kl_mean"], rel=0.05)
+    assert results["gguf Q8_0"]["kl_mean"] < results["gguf Q4_0"]["kl_mean"] / 5
+    assert results["gguf RTN-Q4_0"]["mix"] == {"Q4_0": 60, "BF16": 23}  # decoder Linears; PLE Linears and tables kept
+    assert results["gguf RTN-Q4_0"]["weights_bytes"] < results["gguf Q8_0"]["weights_bytes"]
+    assert "| `gguf Q8_0` | Q8_0 × 60, BF16 × 23 |" in (out_dir / "sweep.md").read_text()
+    assert not list(out_dir.glob(".*")) and "gguf RTN-Q4_0" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_real_270m_gptq_q4_0_beats_llama_cpp_s_own_imatrix_q4_0(tmp_path):
     """The shipped GGUF recipe on real weights (calibration and held-out text cut to 16 × 256 and 2 × 512):
@@ -158,7 +299,7 @@ def test_the_real_270m_gptq_q4_0_beats_llama_cpp_s_own_imatrix_q4_0(tmp_path):
     from pipeline.recipe import RECIPES_DIR
     from pipeline.run import quantize_run
 
-    _needs_llama_cpp()
+    needs_llama_cpp()
     recipe = yaml.safe_load((RECIPES_DIR / "gemma3-270m-gguf.yaml").read_text())
     recipe.update(name="gguf-270m", output_dir=str(tmp_path / "run"), calibration={"samples": 16, "seq_len": 256},
                   eval={"samples": 2, "seq_len": 512, "max_new_tokens": 8})

@@ -35,15 +35,18 @@ def test_sweep_writes_one_row_per_policy_with_sizes_ordered_by_bits(write_recipe
     assert "uniform-8" in capsys.readouterr().out
 
 
-def test_sweep_policy_names_are_checked():
+def test_sweep_policy_names_are_checked(capsys):
     recipe = parse_recipe({"name": "x", "model": "tiny:e2b", "scheme": "W4A16",
                            "overrides": [{"layer_type": "full_attention", "bits": 8, "group_size": None}]})
     with pytest.raises(RecipeError, match="unknown policy 'uniform-5'; known: uniform-8"):
         resolve_policies(["uniform-5"], None, recipe)
     with pytest.raises(RecipeError, match="bits: got 5; allowed: 2, 3, 4, 8"):
         resolve_policies(None, [5], recipe)
+    with pytest.raises(SystemExit):
+        main(["sweep", "x.yaml", "--gguf", "Q4_0,Q3_X"])
     own = resolve_policies(["recipe"], None, recipe)[0]
     assert own.overrides == [{"layer_type": ["full_attention"], "bits": 8, "group_size": None}]
+    assert "unknown GGUF type 'Q3_X'; known: BF16" in capsys.readouterr().err
 
 
 @pytest.mark.slow

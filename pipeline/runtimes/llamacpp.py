@@ -52,13 +52,15 @@ def why_missing() -> str | None:
     return None
 
 
-def convert(folder: Path, out_file: Path, outtype: str = "bf16", mmproj: bool = False, log_path: Path | None = None) -> Path:
+def convert(folder: Path, out_file: Path, outtype: str = "bf16", mmproj: bool = False, log_path: Path | None = None,
+            metadata: Path | None = None) -> Path:
     """llama.cpp's converter on a Hugging Face checkpoint folder: the text model (or, with `mmproj`, the
-    vision/audio projector file) as one GGUF with 16-bit weights."""
+    vision/audio projector file) as one GGUF with 16-bit weights; `metadata`: its `general.*` overrides (JSON)."""
     tools = converter_dir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tools / "gguf-py"), str(tools)]), NO_LOCAL_GGUF="")
     argv = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype,
-            "--outfile", str(out_file), *(["--mmproj"] if mmproj else [])]
+            "--outfile", str(out_file), *(["--mmproj"] if mmproj else []),
+            *(["--metadata", str(metadata)] if metadata else [])]
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,20 @@ class _Session:
 
     def score(self, windows: torch.Tensor, k: int) -> Scores:
         return Scores.cat([scores_from_logits(self.logits(w[None]), w[None], k) for w in windows])
+
+    def projector(self, mmproj: Path) -> tuple[bool, bool]:
+        """Whether llama.cpp's mtmd, given this model and the projector file `mmproj`, encodes images and audio."""
+        from llama_cpp import mtmd_cpp
+
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu, params.n_threads, params.warmup = False, os.cpu_count(), False
+        context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.llm._model.model, params)
+        if not context:
+            raise RuntimeFailed(f"llama.cpp's mtmd did not load {mmproj.name} beside {Path(self.llm.model_path).name}")
+        try:
+            return bool(mtmd_cpp.mtmd_support_vision(context)), bool(mtmd_cpp.mtmd_support_audio(context))
+        finally:
+            mtmd_cpp.mtmd_free(context)
 
     def chat(self, message: str, max_tokens: int) -> str:
         self.llm.reset()

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.runtimes.base import Machine, RuntimeFailed, Target, this_machine
 from pipeline.runtimes.scores import Scores
+from pipeline.text_only import PROCESSOR_FILES
 
 ENV = "GEMMA_QUANT_VLLM"
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
@@ -42,7 +43,6 @@ CPU_ENV = {
     # runs what the checkpoint declares, 16-bit activations, as vLLM's GPU kernels do
     "VLLM_CPU_INT4_W4A8": "0",
 }
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 LOG_TAIL_LINES = 12
 
 
@@ -96,6 +96,10 @@ class VLLM:
         if cpu and any(m.component == "moe_experts" for m in plan.quantized):
             return ("its quantized MoE experts have no kernel in vLLM's CPU build (\"No WNA16 MoE backend supports "
                     "the deployment configuration\"); a GPU serves them")
+        if cpu and str(target.config.get("model_type", "")).startswith("gemma4_unified"):
+            return ("the 12B (gemma4_unified): vLLM-CPU 0.32's worker dies at the first forward of its text model "
+                    "(measured on tiny 12B, through the text-only view as Gemma4ForCausalLM), and its "
+                    "Gemma4UnifiedForConditionalGeneration class needs torchvision, which has no build beside the CPU torch")
         if notes := plan.serving_notes():
             return "; ".join(notes)
         if python() is None:
