@@ -119,10 +119,11 @@ def _folder_problem(folder: Path) -> str | None:
 
 
 def bundled_config_name(model_id: str) -> str | None:
-    """`google/gemma-4-E2B-it` -> `e2b` when a copy of that config ships with the package."""
+    """`google/gemma-4-E2B-it` -> `e2b` when a copy of that config ships with the package. Google's QAT
+    checkpoints in BF16 (`-it-qat-q4_0-unquantized`) have their model's architecture."""
     from pipeline.tiny import VARIANTS
 
-    stem = model_id.removeprefix("google/").removesuffix("-it")
+    stem = model_id.removeprefix("google/").removesuffix("-qat-q4_0-unquantized").removesuffix("-it")
     return next((variant for variant, name in VARIANTS.items() if name == stem), None)
 
 

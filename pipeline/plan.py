@@ -188,14 +188,19 @@ class Plan(BaseModel):
         """What the quantizer must skip and the export's `quantization_config.ignore`: every Linear
         left unquantized and every fused expert block kept BF16. Fused experts are named twice:
         as the module transformers loads (`...experts`) and as the per-expert linears that
-        llmcompressor and vLLM address (`...experts.<i>.<gate|up|down>_proj`)."""
+        llmcompressor and vLLM address (`...experts.<i>.<gate|up|down>_proj`). The second is a pattern
+        on the name from `layers.` on: vLLM renames its modules (`model.language_model.` to `model.` or
+        `language_model.model.`) and maps exact ignore entries but not patterns, so a pattern that spelt out
+        the prefix would never match and vLLM would read the BF16 experts as quantized
+        (docs/runtime-findings.md)."""
         names = []
         for m in self.modules:
             if m.quantize or m.kind == "embedding":
                 continue
             names.append(m.name)
             if m.kind == "experts":
-                names.append(f"re:^{re.escape(m.name)}\\.\\d+\\.(gate|up|down)_proj$")
+                layer = re.escape(m.name[m.name.index("layers."):])
+                names.append(f"re:^(.*\\.)?{layer}\\.\\d+\\.(gate|up|down)_proj$")
         return names
 
     @property

@@ -77,3 +77,7 @@ def test_the_12b_plans_offline_beside_google_s_own_w4a16_build():
     assert {m.kept_because.value for m in plan.modules if not m.quantize} == {
         "embedding table", "lm_head", "multimodal projector"}
     assert 7.5 < plan.export_bytes / 2 ** 30 < 8.28
+    # Google's QAT weights (BF16 on q4_0's grid) plan as the same model, repacked to the same size
+    qat = RECIPES_DIR / "12b-qat-w4a16.yaml"
+    _, _, repacked = make_plan(load_recipe(qat), qat)
+    assert repacked.total_params == plan.total_params and repacked.export_bytes == plan.export_bytes

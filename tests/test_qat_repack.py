@@ -63,7 +63,7 @@ def _repack(tmp_path, source, validate: bool = False) -> tuple[dict, object]:
     return quantize_run(recipe, validate=validate, card=validate), tmp_path / "run" / "export"
 
 
-@pytest.mark.parametrize("variant", ["e2b", "26b-a4b"])
+@pytest.mark.parametrize("variant", ["e2b", "26b-a4b", "12b"])
 def test_repack_recovers_the_integers_and_scales_exactly(tmp_path, variant, monkeypatch):
     # Exactness is in the stored dtype: the grid model holds BF16(q·d), and float32 would dequantize the
     # export to q·d itself. So the run measures in BF16, as on a CPU with bf16 instructions.

@@ -20,7 +20,9 @@ def test_shipped_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     if not recipe.model.id.startswith(("tiny:", "gguf:")):
-        assert recipe.model.id.startswith("google/gemma-4-") and recipe.model.id.endswith("-it")
+        # instruction-tuned: the -it checkpoints, or Google's QAT weights of them
+        assert recipe.model.id.startswith("google/gemma-4-")
+        assert recipe.model.id.removesuffix("-qat-q4_0-unquantized").endswith("-it")
     # Planning needs only the config: the bundled copy when offline, for the real checkpoints.
     _, _, plan = make_plan(recipe, path)
     assert plan.quantized and plan.export_bytes < plan.bf16_bytes

@@ -1,15 +1,15 @@
 """Run by the vLLM interpreter (its own venv: `make vllm-setup`), not collected by pytest: builds vLLM's
 model for an export folder and loads every weight through vLLM's own loader, without a forward (vLLM's
-CPU build has no kernel for packed embedding tables). Prints one line, `RESULT {json}`: for each
-parameter of the token tables and the head, its dtype, shape, quantization method and sha256.
-A name or shape vLLM does not register fails here with vLLM's own error, as it would on a GPU."""
+CPU build has no kernel for packed embedding tables), with vLLM's own check that every parameter came
+from the checkpoint (`enable_weights_track`, which vLLM leaves off for quantized models by default).
+Prints one line, `RESULT {json}`: for every parameter and buffer, its dtype, shape, its module's quantization
+method and the sha256 of its bytes. A name or shape vLLM does not register, or a parameter the
+checkpoint does not fill, fails here with vLLM's own error, as it would on a GPU."""
 
 import hashlib
 import json
 import socket
 import sys
-
-TABLES = ("embed_tokens", "lm_head")
 
 
 def load(folder: str) -> dict:
@@ -20,7 +20,8 @@ def load(folder: str) -> dict:
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    config = EngineArgs(model=folder, dtype="bfloat16", max_model_len=128, enforce_eager=True).create_engine_config()
+    config = EngineArgs(model=folder, dtype="bfloat16", max_model_len=128, enforce_eager=True,
+                        model_loader_extra_config={"enable_weights_track": True}).create_engine_config()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -34,13 +35,13 @@ def load(folder: str) -> dict:
             model = loader.create_model(vllm_config=config, model_config=config.model_config)
         loader.load_weights(model, config.model_config)
     result = {}
-    for name, param in model.named_parameters():
-        if any(table in name for table in TABLES):
-            owner = model.get_submodule(name.rpartition(".")[0])
-            data = param.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            result[name] = {"dtype": str(param.dtype).removeprefix("torch."), "shape": list(param.shape),
-                            "method": type(getattr(owner, "quant_method", None)).__name__,
-                            "sha256": hashlib.sha256(data).hexdigest()}
+    # buffers too: some checkpoint tensors load into them (Gemma 4's layer_scalar); others are vLLM's own
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        method = type(getattr(owner, "quant_method", None)).__name__ if isinstance(tensor, torch.nn.Parameter) else "buffer"
+        result[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+                        "method": method, "sha256": hashlib.sha256(data).hexdigest()}
     return result
 
 

