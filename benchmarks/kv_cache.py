@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.kvcache import RotorQuantCache, dynamic_cache_bytes, next_token_agreement
+from pipeline.generate.kv_cache import RotorQuantCache, dynamic_cache_bytes, next_token_agreement
 
 ROTATIONS = ("none", "givens", "quaternion", "hadamard", "dense")
 BITS = (2, 3, 4)

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WEIGHT_GLOB = "*.safetensors"
@@ -47,6 +48,24 @@ class StoredTensors:
 
         with safe_open(self.files[name], "pt") as f:
             return f.get_slice(self._stored_as[name])[rows]
+
+    def memmap(self, name: str) -> np.memmap:
+        """A 2-byte tensor as a read-only memory map of its bytes in the file ([rows, columns] uint16): rows are
+        read from disk, by the page, only when indexed. safetensors' own slices read contiguous ranges only;
+        a lookup table needs any set of rows (the gap this fills)."""
+        import json
+        import struct
+
+        dtype, shape = self.headers[name]
+        if DTYPE_BYTES[dtype] != 2 or len(shape) != 2:
+            raise ValueError(f"{name}: a memory map is for 2-byte matrices, not {dtype} {shape}")
+        path = self.files[name]
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            start, end = json.loads(f.read(length))[self._stored_as[name]]["data_offsets"]
+        if end - start != self.nbytes(name) or 8 + length + end > path.stat().st_size:
+            raise ValueError(f"{path.name}: {name} does not fit in the file (truncated or damaged copy)")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=8 + length + start, shape=tuple(shape))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one file open at a time."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pipeline.kvcache import (
+from pipeline.generate.kv_cache import (
     BITS, ROTATIONS, RotorQuantCache, RotorQuantLayer, decode_logits, dynamic_cache_bytes, make_rotation,
     next_token_agreement, pack_codes, unpack_codes,
 )
