@@ -78,10 +78,12 @@ publish: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --durations=15
 
-# Everything CI runs: the fast tier, then the real-weight (Gemma 3 270M) tier in a process of its own,
-# on every core, with the 25 slowest listed.
+# Everything CI runs: the fast tier, then the real-weight (Gemma 3 270M) tier on every core, with the
+# slowest listed: the parity tests (their passes run in the test process) in a process of their own
+# first, since block passes ran up to twice as slow late in one long pytest process (benchmarks/RESULTS.md).
 test-all: test
-	$(BIN)/python -m pytest -q -m slow --durations=25
+	$(BIN)/python -m pytest -q -m slow --durations=5 tests/test_parity_270m.py
+	$(BIN)/python -m pytest -q -m slow --durations=25 --ignore=tests/test_parity_270m.py
 
 # JupyterLab on notebooks/, in the project environment: the `notebooks` extra (JupyterLab is not
 # in `dev`) installed into .venv once, against the same constraints as the tested set.

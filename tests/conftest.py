@@ -139,3 +139,14 @@ def vllm_load(folder: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     return subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_loader.py")), str(folder)],
                           capture_output=True, text=True, timeout=600, cwd=folder, env=env)
+
+
+def quantize_cli(recipe: Path) -> None:
+    """`gemma-quant quantize RECIPE` in a process of its own, as users run it: a real-weight run's speed and
+    numbers cannot depend on what earlier tests left in the test process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "quantize", str(recipe)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_llama_cpp
+from conftest import needs_llama_cpp, quantize_cli
 from pipeline.gguf_export import block_bytes
 
 
@@ -297,14 +297,13 @@ def test_the_real_270m_gptq_q4_0_beats_llama_cpp_s_own_imatrix_q4_0(tmp_path):
     import yaml
 
     from pipeline.recipe import RECIPES_DIR
-    from pipeline.run import quantize_run
 
     needs_llama_cpp()
     recipe = yaml.safe_load((RECIPES_DIR / "gemma3-270m-gguf.yaml").read_text())
     recipe.update(name="gguf-270m", output_dir=str(tmp_path / "run"), calibration={"samples": 16, "seq_len": 256},
                   eval={"samples": 2, "seq_len": 512, "max_new_tokens": 8})
     (tmp_path / "gguf-270m.yaml").write_text(yaml.safe_dump(recipe))
-    quantize_run(tmp_path / "gguf-270m.yaml")
+    quantize_cli(tmp_path / "gguf-270m.yaml")
     files = {r["label"]: r for r in json.loads((tmp_path / "run" / "eval.json").read_text())["gguf"]}
     assert set(files) == {"Q8_0", "GPTQ-Q4_0", "Q4_K_M", "Q4_0"}
     kl = {label: r["quality"]["kl_mean"] for label, r in files.items()}

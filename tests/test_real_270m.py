@@ -4,17 +4,15 @@ Each run is `gemma-quant quantize` in a process of its own, as users run it: its
 numbers cannot depend on what earlier tests left in this one."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.recipe import RECIPES_DIR
 
+from conftest import quantize_cli
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(name: str, tmp_path, **overrides) -> dict:
@@ -22,9 +20,7 @@ def _run(name: str, tmp_path, **overrides) -> dict:
     recipe.update(name=name, output_dir=str(tmp_path / name), **overrides)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "quantize", str(path)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    quantize_cli(path)
     return json.loads((tmp_path / name / "eval.json").read_text())
 
 
