@@ -112,11 +112,11 @@ def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
             "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 32,
             "position_embedding_size": 256, "use_clipped_linears": True,
         }
-    if cfg.get("audio_config") and cfg["model_type"] != "gemma4_unified":
-        cfg["audio_config"].update(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-            subsampling_conv_channels=[16, 8], output_proj_dims=128,
-        )
+        if cfg.get("audio_config"):
+            cfg["audio_config"].update(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                subsampling_conv_channels=[16, 8], output_proj_dims=128,
+            )
     ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     cfg.update(
         image_token_id=ids["<|image|>"], boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],

@@ -28,22 +28,26 @@ def test_blocks_are_ggml_s_q4_0_and_q8_0_layout():
         assert np.array_equal(back, expected.numpy()), kind
 
 
-@pytest.fixture(scope="module")
-def gguf_runs(tmp_path_factory):
-    """One tiny E2B text-only RTN W4A16 g32 run exported as GGUF (BF16, Q8_0, its own Q4_0, llama.cpp's Q4_K_M),
-    and the same recipe as compressed-tensors, whose integers the Q4_0 file must hold."""
-    needs_llama_cpp()
+def _gguf_beside(root, common: str, twin: str, twin_fields: str):
+    """The recipe `common` as a validated GGUF build (BF16, Q8_0, its own Q4_0, llama.cpp's Q4_K_M) in
+    root/gguf, and as its `twin` export (`twin_fields`) in root/<twin>, holding the integers the Q4_0 must hold."""
     from pipeline.run import quantize_run
 
-    root = tmp_path_factory.mktemp("gguf")
-    common = "model: tiny:e2b\nscheme: W4A16\ngroup_size: 32\nmodalities: text\ncalibration: {samples: 4, seq_len: 64}\n" \
-             "eval: {samples: 2, seq_len: 64, max_new_tokens: 4}\n"
     (root / "gguf.yaml").write_text(common + f"export: gguf\ngguf: {{types: [BF16, Q8_0, Q4_0, Q4_K_M]}}\n"
                                     f"output_dir: {root / 'gguf'}\n")
-    (root / "ct.yaml").write_text(common + f"output_dir: {root / 'ct'}\n")
+    (root / f"{twin}.yaml").write_text(common + twin_fields + f"output_dir: {root / twin}\n")
     quantize_run(root / "gguf.yaml")
-    quantize_run(root / "ct.yaml", validate=False, card=False)
+    quantize_run(root / f"{twin}.yaml", validate=False, card=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def gguf_runs(tmp_path_factory):
+    """One tiny E2B text-only RTN W4A16 g32 run exported as GGUF, and the same recipe as compressed-tensors."""
+    needs_llama_cpp()
+    common = "model: tiny:e2b\nscheme: W4A16\ngroup_size: 32\nmodalities: text\ncalibration: {samples: 4, seq_len: 64}\n" \
+             "eval: {samples: 2, seq_len: 64, max_new_tokens: 4}\n"
+    return _gguf_beside(tmp_path_factory.mktemp("gguf"), common, "ct", "")
 
 
 def test_every_file_loads_in_llama_cpp_and_is_scored(gguf_runs):
@@ -157,17 +161,9 @@ def moe_runs(tmp_path_factory):
     """Tiny 26B-A4B (text), RTN W4A16 g32 with its experts quantized per expert: as GGUF, and as a GPTQ folder
     holding the same integers expert by expert."""
     needs_llama_cpp()
-    from pipeline.run import quantize_run
-
-    root = tmp_path_factory.mktemp("gguf-moe")
     common = "model: tiny:26b-a4b\nscheme: W4A16\ngroup_size: 32\nmodalities: text\nquantize_experts: true\n" \
              "calibration: {samples: 4, seq_len: 64}\neval: {samples: 2, seq_len: 64, max_new_tokens: 4}\n"
-    (root / "gguf.yaml").write_text(common + f"export: gguf\ngguf: {{types: [BF16, Q8_0, Q4_0, Q4_K_M]}}\n"
-                                    f"output_dir: {root / 'gguf'}\n")
-    (root / "gptq.yaml").write_text(common + f"export: gptq\noutput_dir: {root / 'gptq'}\n")
-    quantize_run(root / "gguf.yaml")
-    quantize_run(root / "gptq.yaml", validate=False, card=False)
-    return root
+    return _gguf_beside(tmp_path_factory.mktemp("gguf-moe"), common, "gptq", "export: gptq\n")
 
 
 def test_moe_every_file_loads_in_llama_cpp_with_the_experts_carried(moe_runs):

@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-from pipeline.recipe import load_recipe
-from pipeline.run import make_plan, quantize_run
+from pipeline.plan import Plan
+from pipeline.run import quantize_run
+from pipeline.rundir import PLAN
 from pipeline.runtimes.base import Target
 from pipeline.runtimes.vllm import servable_folder
 from pipeline.tensors import StoredTensors
@@ -30,7 +31,7 @@ def _export(tmp_path, variant: str, extra: str = "") -> tuple:
     recipe = tmp_path / f"{variant}.yaml"
     recipe.write_text(f"model: tiny:{variant}\nscheme: W4A16\ngroup_size: 32\noutput_dir: {tmp_path / 'run'}\n{extra}")
     quantize_run(recipe, validate=False, card=False)
-    plan = make_plan(load_recipe(recipe), recipe)[2]
+    plan = Plan.load(tmp_path / "run" / PLAN)  # the plan the run quantized by
     export = tmp_path / "run" / "export"
     target = Target(export, None, json.loads((export / "config.json").read_text()), None)
     folder, _ = servable_folder(target, tmp_path / "work")
