@@ -22,7 +22,7 @@ from pipeline.overrides import Resolution, WeightScheme, default_scheme, resolve
 from pipeline.recipe import VLLM_BITS, Recipe, RecipeError, TableScheme, shown
 
 Component = Literal["text_decoder", "vision", "audio", "projector", "ple", "lm_head", "embedding",
-                    "moe_router", "moe_experts", "other"]
+                    "moe_router", "moe_experts", "drafter", "other"]
 
 class Kept(StrEnum):
     """Why a module stays in BF16: the short label tables and cards group by."""
@@ -35,6 +35,7 @@ class Kept(StrEnum):
     EMBEDDING = "embedding table"
     ROUTER = "MoE router"
     EXPERTS = "fused MoE experts"
+    DRAFTER = "drafter's joins to its target"
     OTHER = "norms and scalars"
     SHAPE = "shape"
     RECIPE = "recipe"
@@ -48,7 +49,7 @@ class Kept(StrEnum):
 COMPONENT_KEPT: dict[str, Kept] = {
     "vision": Kept.VISION, "audio": Kept.AUDIO, "projector": Kept.PROJECTOR, "ple": Kept.PLE,
     "lm_head": Kept.LM_HEAD, "embedding": Kept.EMBEDDING, "moe_router": Kept.ROUTER,
-    "moe_experts": Kept.EXPERTS, "other": Kept.OTHER,
+    "moe_experts": Kept.EXPERTS, "drafter": Kept.DRAFTER, "other": Kept.OTHER,
 }
 WHY_KEPT: dict[Kept, str] = {
     Kept.VISION: "small and quality-sensitive; vLLM serves it unquantized",
@@ -59,6 +60,8 @@ WHY_KEPT: dict[Kept, str] = {
     Kept.EMBEDDING: "not a Linear layer",
     Kept.ROUTER: "routing decisions are precision-sensitive",
     Kept.EXPERTS: "kept unless the recipe sets `quantize_experts: true` (auto-round or GPTQ exports)",
+    Kept.DRAFTER: ("pre_projection and post_projection map the target's hidden states in and out; centroids pick "
+                   "the vocabulary slice the head scores (vLLM builds it as a plain Linear, never quantized)"),
     Kept.OTHER: "",
     Kept.SHAPE: "the scheme cannot take this input width (group size or 32-bit packing)",
     Kept.RECIPE: "listed under skip: in the recipe",
@@ -73,6 +76,7 @@ _COMPONENT_RULES: list[tuple[str, str]] = [
     (r"(^|\.)embed_tokens$", "embedding"),
     (r"\.router(\.|$)", "moe_router"),
     (r"\.experts$", "moe_experts"),
+    (r"^(pre_projection|post_projection|masked_embedding\.centroids)$", "drafter"),  # gemma4_assistant
     (r"(^|\.)layers\.\d+\.(self_attn|mlp)\.", "text_decoder"),
 ]
 # The token tables a recipe's `embeddings:` block stores (pipeline/tables.py), by its keys.
@@ -194,10 +198,15 @@ class Plan(BaseModel):
         the prefix would never match and vLLM would read the BF16 experts as quantized
         (docs/runtime-findings.md)."""
         names = []
+        # vLLM builds a drafter as `gemma4_mtp` with its modules under `draft_model.` (`lm_head` aside) and matches
+        # exact entries against those names: a pattern from the name's end matches in both
+        drafter = any(m.component == "drafter" for m in self.modules)
         for m in self.modules:
             if m.quantize or m.kind == "embedding":
                 continue
             names.append(m.name)
+            if drafter:
+                names.append(f"re:^(.*\\.)?{re.escape(m.name.removeprefix('model.'))}$")
             if m.kind == "experts":
                 layer = re.escape(m.name[m.name.index("layers."):])
                 names.append(f"re:^(.*\\.)?{layer}\\.\\d+\\.(gate|up|down)_proj$")

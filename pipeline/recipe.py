@@ -334,6 +334,14 @@ class HubSpec(_Strict):
         return [value] if isinstance(value, str) else value
 
 
+class AssistantSpec(_Strict):
+    """The speculative-decoding drafter to run beside this model: a Hub id or folder (Google's BF16
+    `-it-assistant` drafter, or a drafter recipe's build). The card shows vLLM's `--speculative-config` with it."""
+
+    model: str = Field(min_length=1)
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+
+
 class EmbeddingsSpec(_Strict):
     """The token tables (pipeline/tables.py): `per_layer` is Gemma 4 E-models' Per-Layer-Embedding
     table (`embed_tokens_per_layer`), `tokens` the input table (`embed_tokens`), `lm_head` the output
@@ -456,6 +464,9 @@ class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
     model: ModelSpec
+    # A drafter (`gemma4_assistant`): the model whose hidden states and KV cache it reads (pipeline/drafter.py).
+    target: ModelSpec | None = None
+    assistant: AssistantSpec | None = None
     scheme: Scheme
     algorithm: AlgorithmName = "rtn"
     library: Library | None = None  # None: the algorithm's default library
@@ -488,7 +499,12 @@ class Recipe(_Strict):
     embeddings: EmbeddingsSpec = Field(default_factory=EmbeddingsSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
 
-    @field_validator("model", mode="before")
+    @field_validator("assistant", mode="before")
+    @classmethod
+    def _assistant_shorthand(cls, value):
+        return {"model": value} if isinstance(value, str) else value
+
+    @field_validator("model", "target", mode="before")
     @classmethod
     def _model_shorthand(cls, value):
         return {"id": value} if isinstance(value, str) else value

@@ -167,6 +167,14 @@ class ProjectorResult(BaseModel):
     why_not: str | None = None
 
 
+class DraftAcceptance(BaseModel):
+    """A drafter's top-1 against its target's own next token, teacher-forced on the held-out windows: the
+    share of drafted tokens a greedy target accepts one step ahead (pipeline/drafter.py)."""
+    positions: int
+    reference: float  # the unquantized drafter's
+    quantized: float
+
+
 class EvalReport(BaseModel):
     created: str
     model_id: str
@@ -186,6 +194,7 @@ class EvalReport(BaseModel):
     versions: dict[str, str]
     gguf: list[GGUFResult] = []  # export: gguf, one per file
     projector: ProjectorResult | None = None  # export: gguf keeping the towers
+    draft_acceptance: DraftAcceptance | None = None  # a drafter's (gemma4_assistant)
 
     load_problems: list[str]
 

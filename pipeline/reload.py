@@ -58,7 +58,10 @@ def probe_input_ids(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def logits(model, input_ids) -> torch.Tensor:
+    """The model's logits on the probe: its input ids, or for a drafter its target's states on them."""
+    if not isinstance(input_ids, torch.Tensor):
+        return input_ids.logits(model)  # pipeline/drafter.py's TargetStates
     device = next(model.parameters()).device
     return model(input_ids=input_ids.to(device)).logits.float().cpu()
 

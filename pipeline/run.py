@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import text_only
+from pipeline import drafter, text_only
 from pipeline.calibration import CalibrationSet
 from pipeline.compute import computing_in, torch_dtype
 from pipeline.memory import (OFFLOAD_MARKER, MemoryPlan, load_within, plan_memory, quantized_forward_per_layer,
@@ -70,6 +70,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
     try:
         source, config = source_and_config(recipe.model, recipe_path)
         check_against_config(recipe, config, recipe_path)
+        problems += drafter.recipe_problems(recipe, config, recipe_path)
     except RecipeError as err:
         problems = err.problems + problems
     RecipeError.collect(recipe_path, problems)
@@ -170,7 +171,7 @@ class Loaded:
     """The load stage's output: the source model and what the later checks compare against."""
     model: object
     tokenizer: object
-    probe: torch.Tensor  # input ids of the reload check
+    probe: torch.Tensor | drafter.TargetStates  # input ids of the reload check; a drafter's: its target's states
     reference_logits: torch.Tensor  # the unquantized model's on the probe
     measuring: torch.dtype  # what every measuring forward computes in
 
@@ -204,9 +205,14 @@ def load_stage(planned: Planned, recipe: Recipe, offload_dir: Path) -> Loaded:
 
     model = (text_only.load_text_model(planned.source, planned.config) if text_only.wanted(recipe)
              else load_within(planned.memory, planned.source, planned.config, offload_dir))
-    tokenizer = AutoTokenizer.from_pretrained(planned.source.ref, revision=recipe.model.revision)
-    probe = reloading.probe_input_ids(tokenizer)
     measuring = torch_dtype(planned.memory.compute_dtype)
+    if drafter.is_drafter(planned.config):  # fed its target's states on the probe text, the target's tokens
+        target, target_config = source_and_config(recipe.target, recipe.model.id)
+        tokenizer = AutoTokenizer.from_pretrained(target.ref, revision=recipe.target.revision)
+        probe = drafter.target_states(target, target_config, reloading.probe_input_ids(tokenizer), measuring)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(planned.source.ref, revision=recipe.model.revision)
+        probe = reloading.probe_input_ids(tokenizer)
     with computing_in(model, measuring):
         reference = reloading.logits(model, probe)
     return Loaded(model, tokenizer, probe, reference, measuring)

@@ -18,7 +18,12 @@ import json
 from importlib import resources
 from pathlib import Path
 
-VARIANTS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B", "12b": "gemma-4-12B"}
+VARIANTS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B", "12b": "gemma-4-12B",
+            "e2b-assistant": "gemma-4-E2B-it-assistant"}
+# A drafter (`gemma4_assistant`) reads its target's KV and hidden states: its tiny copy is shaped to the tiny target.
+ASSISTANT_TARGETS = {"e2b-assistant": "e2b"}
+ASSISTANT_HIDDEN = 128
+ASSISTANT_CENTROIDS = 64  # divides TINY_VOCAB; 16 tokens per centroid
 
 TINY_VOCAB = 1024
 TEXT_HIDDEN = 256
@@ -62,6 +67,31 @@ def _shrunk_layer_types(full_types: list[str], depth: int) -> list[str]:
 
 
 def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
+    """A tiny config of `variant` (a drafter's is shaped to its tiny target)."""
+    return _tiny_assistant_config(variant) if variant in ASSISTANT_TARGETS else _tiny_model_config(variant, text_hidden)
+
+
+def _tiny_assistant_config(variant: str) -> dict:
+    """The real drafter's config shrunk like its target: the target's KV geometry (the drafter attends to the
+    target's keys and values), its hidden size as the backbone width, the real layer pattern and centroids."""
+    cfg = copy.deepcopy(full_config(variant))
+    target = _tiny_model_config(ASSISTANT_TARGETS[variant], TEXT_HIDDEN)["text_config"]
+    text = cfg["text_config"]
+    ratio = ASSISTANT_HIDDEN / text["hidden_size"]
+    text.update(
+        vocab_size=TINY_VOCAB, hidden_size=ASSISTANT_HIDDEN,
+        intermediate_size=int(round(text["intermediate_size"] * ratio / 64)) * 64,
+        num_attention_heads=4, num_key_value_heads=target["num_key_value_heads"],
+        head_dim=target["head_dim"], global_head_dim=target["global_head_dim"],
+        sliding_window=target["sliding_window"], max_position_embeddings=target["max_position_embeddings"],
+        initializer_range=0.1,
+    )
+    cfg.update(backbone_hidden_size=target["hidden_size"], num_centroids=ASSISTANT_CENTROIDS,
+               centroid_intermediate_top_k=8)
+    return _with_tiny_token_ids(cfg)
+
+
+def _tiny_model_config(variant: str, text_hidden: int) -> dict:
     """A tiny config with the same architectural features as the real variant (`text_hidden` widens the
     decoder, MLP in proportion, for memory measurements that must stand above the libraries' own)."""
     cfg = copy.deepcopy(full_config(variant))
@@ -117,14 +147,19 @@ def tiny_config(variant: str, text_hidden: int = TEXT_HIDDEN) -> dict:
                 hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                 subsampling_conv_channels=[16, 8], output_proj_dims=128,
             )
+    if "vision_soft_tokens_per_image" in cfg:
+        cfg["vision_soft_tokens_per_image"] = 16
+    return _with_tiny_token_ids(cfg)
+
+
+def _with_tiny_token_ids(cfg: dict) -> dict:
+    """The special-token ids of the tiny tokenizer (real configs carry the 262k vocabulary's)."""
     ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     cfg.update(
         image_token_id=ids["<|image|>"], boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
         audio_token_id=ids["<|audio|>"], boa_token_id=ids["<|audio>"], eoa_token_id=ids["<audio|>"],
         video_token_id=ids["<|video|>"], eos_token_id=[ids["<eos>"], ids["<turn|>"]],
     )
-    if "vision_soft_tokens_per_image" in cfg:
-        cfg["vision_soft_tokens_per_image"] = 16
     return cfg
 
 
@@ -164,7 +199,7 @@ def _train_tokenizer():
 def build_tiny_source(variant: str, dest: Path, seed: int = 0, text_hidden: int = TEXT_HIDDEN) -> Path:
     """Write a complete tiny checkpoint folder for `variant` into `dest` (deterministic for a seed)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
@@ -173,7 +208,12 @@ def build_tiny_source(variant: str, dest: Path, seed: int = 0, text_hidden: int 
     cfg = tiny_config(variant, text_hidden)
     config = AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    if variant in ASSISTANT_TARGETS:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        # the trained drafter's vocabulary order (token_ordering): random init leaves it all zeros
+        model.masked_embedding.token_ordering.copy_(torch.randperm(TINY_VOCAB, generator=torch.Generator().manual_seed(seed)))
+    else:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     _widen_norm_weights(model, seed)
     model.save_pretrained(dest)
     GenerationConfig(bos_token_id=2, eos_token_id=cfg["eos_token_id"], pad_token_id=0,

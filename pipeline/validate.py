@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline import text_only
 from pipeline.compute import computing_in, torch_dtype
+from pipeline.drafter import FIRST_POSITION, TargetStates, is_drafter, target_states
 from pipeline.corpus import load_texts, token_windows
 from pipeline.export import (config_problems, file_checksums, sidecar_problems, tensor_digest,
                              written_quantization_config)
@@ -33,7 +34,7 @@ from pipeline.model import SIDECAR_PATTERNS, Source, load_config, model_class, r
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
 from pipeline.recipe import Gates
-from pipeline.records import (EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, ProjectorResult,
+from pipeline.records import (DraftAcceptance, EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, ProjectorResult,
                              Quality, Serving, Structure)
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, RUNTIME_REFERENCE, Manifest,
                              Projector, ValidationRecord, library_versions, write_json_atomically)
@@ -160,6 +161,37 @@ def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: P
     return Compared(quality, bf16_vs_float32.floor() if bf16_vs_float32 else None, generations)
 
 
+def compare_drafters(reference_fn, quantized_fn, states: TargetStates, dtypes: tuple[torch.dtype, ...]
+                     ) -> tuple[Compared, DraftAcceptance]:
+    """compare_models for a drafter (pipeline/drafter.py): both drafters fed the target's states, teacher-forced
+    at every position of the windows; the same KL / top-1 / perplexity of the next token, and how often each
+    drafter's top-1 is the target's own. No generations: a drafter does not generate alone."""
+    windows = states.input_ids[:, FIRST_POSITION:]  # what the drafter logits line up with
+    drafted: dict[torch.dtype, torch.Tensor] = {}
+    model = quantized_fn()
+    for dtype in dtypes:
+        with computing_in(model, dtype):
+            drafted[dtype] = states.logits(model)
+    del model
+    model = reference_fn()
+    compared, references, acceptance = {}, {}, None
+    for dtype in dtypes:
+        with computing_in(model, dtype):
+            references[dtype] = states.logits(model)
+        compared[dtype] = _Comparison()
+        compared[dtype].add(references[dtype], drafted[dtype], windows)
+        if acceptance is None or dtype == torch.float32:
+            acceptance = DraftAcceptance(positions=windows.numel(), reference=states.target_agreement(references[dtype]),
+                                         quantized=states.target_agreement(drafted[dtype]))
+    del model
+    floor = None
+    if set(dtypes) == {torch.bfloat16, torch.float32}:
+        floor = _Comparison()
+        floor.add(references[torch.float32], references[torch.bfloat16], windows)
+    quality = {dtype: c.quality(dtype, windows) for dtype, c in compared.items()}
+    return Compared(quality, floor.floor() if floor else None, []), acceptance
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -196,6 +228,9 @@ def served(run_dir: Path, plan: Plan, recipe, logs_dir: Path, serve: bool = True
     """The serve check of `run_dir`'s export against validation's reference (pipeline/runtimes/check.py)."""
     if not serve:
         return Serving(status="not_run", reason="turned off for this validation (--no-serve)")
+    if recipe.target is not None:
+        return Serving(status="not_run", reason="a drafter is served only beside its target (vLLM's "
+                       "--speculative-config, method mtp); the serve check starts one model")
     path = run_dir / RUNTIME_REFERENCE
     if not path.is_file():
         return Serving(status="not_run", reason="validation has no transformers log-probs of this export to compare "
@@ -407,7 +442,9 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     if text_only.wanted(recipe):
         config = text_only.text_only_config(config)
     spec = recipe.eval
-    windows = held_out_windows(recipe, source)
+    drafter = is_drafter(config)
+    tokens_of = resolve(recipe.target) if drafter else source  # a drafter reads its target's tokens
+    windows = held_out_windows(recipe, tokens_of)
     memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
     for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
         shutil.rmtree(stale, ignore_errors=True)
@@ -432,7 +469,7 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     if qconfig is not None:
         qconfig_wrong = config_problems(qconfig, plan, recipe.export)
     sidecars_wrong = sidecar_problems(export, text_only.export_sidecars(recipe, sidecar_files(source)))
-    tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(tokens_of.ref, revision=tokens_of.spec.revision)
     # Both models load in their stored dtype, BF16, and are widened for the float32 figures.
     if not memory.float32_fits:
         dtypes = (torch.bfloat16,)
@@ -441,7 +478,7 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
 
     recorded = record_problems(run_dir, manifest)
     unreadable = unreadable_tensor_files(export)
-    compared, load_problems = None, unreadable
+    compared, load_problems, acceptance = None, unreadable, None
     recorder = ReferenceRecorder(windows)
     (run_dir / RUNTIME_REFERENCE).unlink(missing_ok=True)  # an earlier validation's: not this export's
     try:
@@ -450,10 +487,14 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
         if qconfig_wrong:
             raise LoadProblems("not loaded: the export's quantization_config does not say what the plan says, "
                                "so a loader would read its integers wrongly (see the structure problems)")
-        compared = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch, tokenizer,
-                                  spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype),
-                                  on_quantized=recorder)
-        recorder.reference().save(run_dir / RUNTIME_REFERENCE)
+        if drafter:
+            states = target_states(tokens_of, load_config(tokens_of), windows, torch.float32)
+            compared, acceptance = compare_drafters(reference, lambda: load_export(cls, export, fmt), states, dtypes)
+        else:
+            compared = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch, tokenizer,
+                                      spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype),
+                                      on_quantized=recorder)
+            recorder.reference().save(run_dir / RUNTIME_REFERENCE)
     except LoadProblems as err:
         load_problems = unreadable or [str(err)]
     finally:
@@ -478,7 +519,7 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
         generations=compared.generations if compared else [],
         structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
         serving=served(run_dir, plan, recipe, logs_dir or run_dir / "logs", serve),
-        load_problems=load_problems, versions=library_versions(),
+        load_problems=load_problems, versions=library_versions(), draft_acceptance=acceptance,
     )
     _write_verdict(run_dir, manifest, report, file_checksums(export))
     return report
