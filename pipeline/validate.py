@@ -752,8 +752,13 @@ def render_markdown(report: EvalReport) -> str:
         f"{report.structure.quantized_stored} quantized modules stored packed.",
         *[f"- PROBLEM: {p}" for p in report.structure.problems], "",
         "## Served by vLLM", "", *serving_lines(report.serving), "",
-        "## Greedy generations", "",
     ]
+    if d := report.draft_acceptance:
+        lines += ["## Draft acceptance (a drafter, fed its target's states)", "",
+                  f"Top-1 equal to the target's own next token at {d.quantized:.1%} of {d.positions:,} positions "
+                  f"(unquantized drafter: {d.reference:.1%}).", ""]
+    if report.generations:
+        lines += ["## Greedy generations", ""]
     for g in report.generations:
         lines += [f"**{g.prompt}**", "", f"- unquantized: {g.reference!r}", f"- quantized: {g.quantized!r}", ""]
     return "\n".join(lines)
