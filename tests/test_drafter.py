@@ -2,7 +2,6 @@
 target's states, drafting in transformers' assisted generation; the recipe checks that need the config."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
