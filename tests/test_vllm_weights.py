@@ -151,10 +151,12 @@ def _target_view(tmp_path) -> Path:
 def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path):
     """vLLM builds the drafter as `gemma4_mtp` under `draft_model.` and fills every parameter from the export
     (enable_weights_track), byte for byte; it computes as int4 exactly the decoder linears the plan quantized and
-    keeps pre/post_projection, which the plan names in `ignore` by patterns that match vLLM's prefix."""
-    drafter = _drafter_export(tmp_path)
+    keeps pre/post_projection, which the plan names in `ignore` by patterns that match vLLM's prefix. Without the
+    patterns, vLLM asks about `draft_model.pre_projection`, which no exact entry names: it builds the BF16
+    projections as int4 and refuses the checkpoint's unpacked weights."""
+    drafter, target = _drafter_export(tmp_path), _target_view(tmp_path)
     plan = Plan.load(tmp_path / "drafter" / PLAN)
-    done = vllm_load(_target_view(tmp_path), draft=drafter)
+    done = vllm_load(target, draft=drafter)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     stored = StoredTensors(drafter)
@@ -176,7 +178,6 @@ def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path
     packed = {m for m, method in methods.items() if method == "CompressedTensorsLinearMethod"}
     fused_into = {part: fused for fused, parts in FUSED.items() for part in parts}
 
-
     def vllm_module(name: str) -> str:  # every drafter layer is KV-shared: q_proj alone, unfused
         owner, _, last = name.rpartition(".")
         return name if name in methods else f"{owner}.{fused_into.get(last, last)}"
@@ -184,16 +185,11 @@ def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path
     assert packed == {vllm_module(m.name) for m in plan.modules if m.quantize}
     assert methods["model.pre_projection"] == methods["model.post_projection"] == "UnquantizedLinearMethod"
 
-
-def test_a_drafter_ignored_by_exact_names_only_fails_in_vllm(tmp_path):
-    """Without the patterns, vLLM asks about `draft_model.pre_projection`, which no exact entry names: it builds
-    the BF16 projections as int4 and refuses the checkpoint's unpacked weights."""
-    drafter = _drafter_export(tmp_path)
     config = json.loads((drafter / "config.json").read_text())
     config["quantization_config"]["ignore"] = [e for e in config["quantization_config"]["ignore"]
                                                if not e.startswith("re:")]
     (drafter / "config.json").write_text(json.dumps(config))
-    done = vllm_load(_target_view(tmp_path), draft=drafter)
+    done = vllm_load(target, draft=drafter)
     assert done.returncode != 0
     assert re.search(r"There is no module or parameter named 'model\.(pre|post)_projection\.weight' in Gemma4MTP\. "
                      r"The available parameters .* are: \{[^}]*weight_packed", done.stderr)
