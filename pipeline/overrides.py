@@ -149,6 +149,10 @@ def _hint(rule: Override, modules: list[Selectable]) -> str:
         hints.append(f"layer types here: {', '.join(sorted({m.layer_type for m in linears if m.layer_type}))}")
     if rule.submodule is not None:
         hints.append(f"sub-modules here: {', '.join(sorted({m.submodule for m in linears}))}")
+        full = {m.layer for m in linears if m.layer_type == "full_attention"}
+        if "v_proj" in rule.submodule and full and not any(m.layer in full and m.submodule == "v_proj" for m in linears):
+            hints.append("full_attention layers here have no v_proj: with attention_k_eq_v, V reuses K's projection "
+                         "(select k_proj)")
     if rule.regex is not None:
         hints.append(f"the regex must match a whole name, e.g. {linears[0].name if linears else '-'}")
     return "; ".join(hints) or "no module matches all its selection keys together"

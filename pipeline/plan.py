@@ -169,22 +169,13 @@ class Plan(BaseModel):
         return any(scheme != self.default_scheme for scheme in self.schemes())
 
     def serving_notes(self) -> list[str]:
-        """What vLLM cannot serve in this mix: bit widths without a Marlin kernel, and projections it
-        fuses into one layer (q/k/v, gate/up) stored with different schemes."""
+        """What vLLM cannot serve in this mix: bit widths without a Marlin kernel (a fused projection split
+        across schemes is refused at planning: _split_fused_projections)."""
         notes = []
         odd = sorted({s.bits for s in self.schemes()} - set(VLLM_BITS))
         if odd:
             notes.append(f"int{'/int'.join(map(str, odd))} weights: vLLM's kernels serve int4 and int8 only; "
                          "transformers loads this checkpoint")
-        fused: dict[tuple, set] = defaultdict(set)
-        for m in self.quantized:
-            for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-                if m.submodule in group:
-                    fused[(m.name.rsplit(".", 1)[0], group)].add(m.scheme)
-        split = sorted(f"{parent}.{'/'.join(group)}" for (parent, group), s in fused.items() if len(s) > 1)
-        if split:
-            notes.append(f"{len(split)} fused projections mix schemes (vLLM fuses them into one layer and needs "
-                         f"one scheme), e.g. {split[0]}")
         return notes
 
     @property
@@ -386,6 +377,32 @@ def _plan_tables(recipe: Recipe, fates: list[ModuleFate], source: str | Path) ->
         head.reason = f"{Kept.LM_HEAD}: untied from the quantized {head.tied_to}, stored BF16"
 
 
+# Projections vLLM fuses into one layer, by the fused layer's name (its loader stacks the shards).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _split_fused_projections(fates: list[ModuleFate]) -> list[tuple[str, str]]:
+    """(recipe key, problem) for each layer whose projections vLLM fuses but the plan stores apart: kept and
+    quantized, or at different schemes. vLLM takes one scheme per fused layer and refuses the checkpoint ("different
+    quantization schemes for the shards"); llama.cpp does not fuse them, so GGUF builds may."""
+    by_parent: dict[tuple[str, str], list[ModuleFate]] = defaultdict(list)
+    for m in fates:
+        for fused, shards in FUSED_PROJECTIONS.items():
+            if m.kind == "linear" and m.component == "text_decoder" and m.submodule in shards:
+                by_parent[(m.name.rsplit(".", 1)[0], fused)].append(m)
+    problems = []
+    for (parent, fused), members in by_parent.items():
+        if len({m.scheme for m in members}) < 2:
+            continue
+        key = "skip" if any(m.kept_because == Kept.RECIPE for m in members) else "overrides"
+        stored = ", ".join(f"{m.submodule} {m.scheme.label if m.scheme else 'BF16'}" for m in members)
+        problems.append((key, f"{parent}: {stored}; vLLM fuses {'/'.join(m.submodule for m in members)} into one "
+                              f"{fused} layer with one scheme for all its shards, and refuses a checkpoint that splits "
+                              "them: select them together (e.g. submodule: attention or mlp), or use export: gguf"))
+    return problems[:1] + ([(problems[0][0], f"... and {len(problems) - 1} more layers split the same way")]
+                           if len(problems) > 1 else [])
+
+
 def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe>") -> Plan:
     """Every module's fate; `source` (the recipe file) names where an `overrides:` rule that does
     not fit this model came from."""
@@ -447,6 +464,8 @@ def build_plan(meta_model, config, recipe: Recipe, source: str | Path = "<recipe
                                               recipe.export)
                               + 2 * (m.params - m.shape[0] * m.shape[1]))
 
+    if recipe.export != "gguf":
+        RecipeError.collect(source, _split_fused_projections(fates))
     _plan_tables(recipe, fates, source)
     other = sum(p.numel() for p in meta_model.parameters() if id(p) not in covered)
     # Persistent buffers are saved in the checkpoint too (e.g. the vision/audio clip bounds).

@@ -33,7 +33,8 @@ def test_overrides_resolve_per_module(variant):
         {"layer_type": "sliding_attention", "bits": 3},
         {"layer_type": "full_attention", "submodule": "mlp", "bits": 8, "group_size": None},
         {"layers": 0, "submodule": "o_proj", "skip": True},
-        {"regex": rf"{PREFIX.replace('.', '[.]')}\.1\.self_attn\.q_proj", "symmetric": False},
+        # q/k/v together: vLLM fuses them into one layer with one scheme (a split is refused)
+        {"regex": rf"{PREFIX.replace('.', '[.]')}\.1\.self_attn\.[qkv]_proj", "symmetric": False},
     ]
     ple = variant in ("e2b", "e4b")
     if ple:
@@ -86,10 +87,34 @@ def test_uniform_recipe_keeps_one_group_and_the_recipe_scheme():
     assert plan.serving_notes() == []
 
 
-def test_vllm_fused_projections_with_different_schemes_are_noted():
-    plan, _ = _plan("31b", [{"submodule": "k_proj", "bits": 8}])
-    assert any("fused projections mix schemes" in note and "q_proj/k_proj/v_proj" in note
-               for note in plan.serving_notes())
+@pytest.mark.parametrize("variant, overrides, skip, key, fragment", [
+    ("31b", [{"submodule": "k_proj", "bits": 8}], [], "overrides",
+     "model.language_model.layers.0.self_attn: q_proj int4 g128, k_proj int8 g128, v_proj int4 g128; vLLM fuses "
+     "q_proj/k_proj/v_proj into one qkv_proj layer"),
+    ("e2b", [], ["re:.*layers\\.1\\.mlp\\.up_proj$"], "skip", "layers.1.mlp: gate_proj int4 g128, up_proj BF16"),
+    ("12b", [], ["re:.*layers\\.5\\.self_attn\\.k_proj$"], "skip",
+     "layers.5.self_attn: q_proj int4 g128, k_proj BF16; vLLM fuses q_proj/k_proj into one qkv_proj"),
+])
+def test_a_fused_projection_split_across_schemes_is_refused_naming_why(write_recipe, variant, overrides, skip, key,
+                                                                       fragment):
+    """vLLM fuses q/k/v (q/k on `k_eq_v` layers) and gate/up into one layer that takes one scheme."""
+    path = write_recipe("split", model=f"tiny:{variant}", scheme="W4A16", overrides=overrides, skip=skip)
+    with pytest.raises(RecipeError) as err:
+        make_plan(load_recipe(path), path)
+    assert err.value.key == key and fragment in str(err.value), str(err.value)
+    if skip:  # llama.cpp does not fuse them (a GGUF takes no per-module bits, so only a kept shard)
+        gguf = write_recipe("split-gguf", model=f"tiny:{variant}", scheme="W4A16", group_size=32, skip=skip,
+                            export="gguf")
+        make_plan(load_recipe(gguf), gguf)
+
+
+def test_v_proj_on_a_k_eq_v_layer_is_refused_naming_why(write_recipe):
+    path = write_recipe("v", model="tiny:12b", scheme="W4A16",
+                        overrides=[{"layer_type": "full_attention", "submodule": "v_proj", "bits": 8}])
+    with pytest.raises(RecipeError) as err:
+        make_plan(load_recipe(path), path)
+    assert err.value.key == "overrides.0" and "full_attention layers here have no v_proj: with attention_k_eq_v, " \
+        "V reuses K's projection" in str(err.value)
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [

@@ -85,11 +85,11 @@ def test_indivisible_widths_are_kept_with_the_reason():
 
 
 def test_recipe_skip_by_name_and_regex():
-    plan, _ = _plan(tiny_config("31b"), skip=["re:.*layers\\.0\\..*", "model.language_model.layers.5.mlp.up_proj"])
+    plan, _ = _plan(tiny_config("31b"), skip=["re:.*layers\\.0\\..*", "model.language_model.layers.5.mlp.down_proj"])
     skipped = {m.name: m.reason for m in plan.modules if m.component == "text_decoder" and not m.quantize}
-    assert set(skipped) == {n for n in skipped if ".layers.0." in n} | {"model.language_model.layers.5.mlp.up_proj"}
+    assert set(skipped) == {n for n in skipped if ".layers.0." in n} | {"model.language_model.layers.5.mlp.down_proj"}
     assert len([n for n in skipped if ".layers.0." in n]) == 7
-    assert skipped["model.language_model.layers.5.mlp.up_proj"] == "recipe: skip model.language_model.layers.5.mlp.up_proj"
+    assert skipped["model.language_model.layers.5.mlp.down_proj"] == "recipe: skip model.language_model.layers.5.mlp.down_proj"
 
 
 def test_tied_lm_head_stored_once():

@@ -20,9 +20,9 @@ def test_shipped_recipe_validates_and_plans(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     if not recipe.model.id.startswith(("tiny:", "gguf:")):
-        # instruction-tuned: the -it checkpoints, or Google's QAT weights of them
+        # instruction-tuned: the -it checkpoints, Google's QAT weights of them, or their drafters
         assert recipe.model.id.startswith("google/gemma-4-")
-        assert recipe.model.id.removesuffix("-qat-q4_0-unquantized").endswith("-it")
+        assert recipe.model.id.removesuffix("-qat-q4_0-unquantized").removesuffix("-assistant").endswith("-it")
     # Planning needs only the config: the bundled copy when offline, for the real checkpoints.
     _, _, plan = make_plan(recipe, path)
     assert plan.quantized and plan.export_bytes < plan.bf16_bytes
@@ -37,7 +37,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("fields, key, fragment", [
-    ({"scheme": "W4A16", "group_sise": 64}, "group_sise", "unknown key; allowed keys here: algorithm, autoround, calibration, description"),
+    ({"scheme": "W4A16", "group_sise": 64}, "group_sise", "unknown key; allowed keys here: algorithm, assistant, autoround, calibration"),
     ({"scheme": "W3A16"}, "scheme", "allowed: 'W4A16' or 'W8A16'"),
     ({"scheme": "W4A16", "group_size": 100}, "group_size", "allowed: 32, 64, 128, 256, 512, 1024, or null"),
     ({"scheme": "W4A16", "group_size": "big"}, "group_size", "valid integer"),
