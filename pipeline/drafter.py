@@ -40,8 +40,9 @@ def recipe_problems(recipe, config, recipe_path) -> list[tuple[str, str]]:
         problems.append(("algorithm", f"a drafter is quantized by rtn; {recipe.algorithm} calibrates on text "
                                       "forwards, and a drafter's forward needs its target's states"))
     if recipe.export != "compressed-tensors":
-        problems.append(("export", "a drafter is exported as compressed-tensors, for vLLM's speculative decoding "
-                                   f"(llama.cpp has no Gemma 4 drafter); got {recipe.export}"))
+        problems.append(("export", "a drafter is exported as compressed-tensors, for vLLM's speculative decoding; "
+                                   "a GGUF drafter (llama.cpp's converter has one, GEMMA4_ASSISTANT) could only be "
+                                   f"scored through llama.cpp's speculative path beside its target; got {recipe.export}"))
     if recipe.kv_cache:
         problems.append(("kv_cache", "a drafter has no KV cache of its own: it reads its target's"))
     _, target_config = source_and_config(recipe.target, recipe_path)

@@ -48,17 +48,32 @@ def test_tiny_12b_quantizes_reloads_and_validates(tmp_path, fields):
     assert (len(embedders), any(m["quantize"] for m in embedders)) == ((0, False) if fields.get("modalities") else (3, False))
 
 
-def test_tiny_12b_as_gguf_is_scored_by_llama_cpp(tmp_path):
+def test_tiny_12b_as_gguf_is_scored_by_llama_cpp_and_its_embedders_ship_as_a_projector(tmp_path):
     """llama.cpp's converter and runtime take the 12B's text model; the RTN-Q4_0 file holds the run's integers and
-    scores as the compressed-tensors export of the same integers does (the projector is not written: no processor
-    config in tiny sources)."""
+    scores as the compressed-tensors export of the same integers does. Given the processor config a real 12B ships
+    (the image processor's fields written out: its class needs torchvision, which has no build here), the
+    embedders become `mmproj-<name>-F16.gguf` (llama.cpp's gemma4uv / gemma4ua projectors), which mtmd loads."""
+    import shutil
+
+    from transformers.models.gemma4_unified import Gemma4UnifiedAudioFeatureExtractor
+
     from conftest import needs_llama_cpp
+    from pipeline.model import resolve
+    from pipeline.recipe import ModelSpec
 
     needs_llama_cpp()
-    report, _ = _run(tmp_path, export="gguf", gguf={"types": ["Q4_0"]})
+    source = shutil.copytree(resolve(ModelSpec(id="tiny:12b")).path, tmp_path / "my-12b")
+    image = {"image_processor_type": "Gemma4UnifiedImageProcessor", "image_mean": [0.0] * 3, "image_std": [1.0] * 3,
+             "do_normalize": False, "do_rescale": True, "rescale_factor": 1 / 255, "patch_size": 16,
+             "max_soft_tokens": 280, "pooling_kernel_size": 3, "resample": 3, "do_convert_rgb": True}
+    (source / "processor_config.json").write_text(json.dumps({
+        "image_processor": image, "feature_extractor": Gemma4UnifiedAudioFeatureExtractor().to_dict(),
+        "processor_class": "Gemma4UnifiedProcessor"}, default=str))
+    report, _ = _run(tmp_path, model=str(source), export="gguf", gguf={"types": ["Q4_0"]})
     [q4] = report["gguf"]
     assert report["passed"] and q4["label"] == "RTN-Q4_0" and q4["quality"]["top1_agreement"] >= 0.9
-    assert report["projector"]["file"] is None and "processor config" in report["projector"]["why_not"]
+    assert report["projector"] == {"file": "mmproj-my-12b-F16.gguf", "vision": True, "audio": True, "problem": None,
+                                   "why_not": None, "bytes": (tmp_path / "run" / "export" / "mmproj-my-12b-F16.gguf").stat().st_size}
 
 
 def test_packed_folders_of_the_12b_with_its_embedders_are_refused_naming_why(write_recipe):
