@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.model import resolve
 from pipeline.plan import Plan
+from pipeline.recipe import ModelSpec
 from pipeline.run import quantize_run
 from pipeline.rundir import PLAN
 from pipeline.runtimes.base import Target
@@ -148,12 +150,12 @@ def _target_view(tmp_path) -> Path:
     return folder
 
 
-def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path):
+def test_vllm_loads_drafters_beside_their_target_as_gemma4_mtp(tmp_path):
     """vLLM builds the drafter as `gemma4_mtp` under `draft_model.` and fills every parameter from the export
     (enable_weights_track), byte for byte; it computes as int4 exactly the decoder linears the plan quantized and
     keeps pre/post_projection, which the plan names in `ignore` by patterns that match vLLM's prefix. Without the
     patterns, vLLM asks about `draft_model.pre_projection`, which no exact entry names: it builds the BF16
-    projections as int4 and refuses the checkpoint's unpacked weights."""
+    projections as int4 and refuses the checkpoint's unpacked weights. The BF16 drafter as published loads too."""
     drafter, target = _drafter_export(tmp_path), _target_view(tmp_path)
     plan = Plan.load(tmp_path / "drafter" / PLAN)
     done = vllm_load(target, draft=drafter)
@@ -184,6 +186,13 @@ def test_vllm_loads_a_quantized_drafter_beside_its_target_as_gemma4_mtp(tmp_path
 
     assert packed == {vllm_module(m.name) for m in plan.modules if m.quantize}
     assert methods["model.pre_projection"] == methods["model.post_projection"] == "UnquantizedLinearMethod"
+
+    # The default beside a quantized target: the BF16 drafter as published (the card's `assistant:`), every
+    # parameter filled, nothing computed as int4
+    bf16 = vllm_load(target, draft=resolve(ModelSpec(id="tiny:e2b-assistant")).path)
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    methods = {v["method"] for v in json.loads(bf16.stdout.strip().splitlines()[-1].removeprefix("RESULT ")).values()}
+    assert "UnquantizedLinearMethod" in methods and "CompressedTensorsLinearMethod" not in methods
 
     config = json.loads((drafter / "config.json").read_text())
     config["quantization_config"]["ignore"] = [e for e in config["quantization_config"]["ignore"]
