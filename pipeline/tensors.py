@@ -14,6 +14,7 @@ import torch
 WEIGHT_GLOB = "*.safetensors"
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MEMMAP_DTYPES = {"BF16": np.uint16, "F16": np.uint16, "I32": np.int32}  # raw bits, as memory maps hold them
 
 
 class StoredTensors:
@@ -50,22 +51,22 @@ class StoredTensors:
             return f.get_slice(self._stored_as[name])[rows]
 
     def memmap(self, name: str) -> np.memmap:
-        """A 2-byte tensor as a read-only memory map of its bytes in the file ([rows, columns] uint16): rows are
-        read from disk, by the page, only when indexed. safetensors' own slices read contiguous ranges only;
-        a lookup table needs any set of rows (the gap this fills)."""
+        """A BF16/F16 or I32 matrix as a read-only memory map of its bytes in the file ([rows, columns] uint16 or
+        int32): rows are read from disk, by the page, only when indexed. safetensors' own slices read contiguous
+        ranges only; a lookup table needs any set of rows (the gap this fills)."""
         import json
         import struct
 
         dtype, shape = self.headers[name]
-        if DTYPE_BYTES[dtype] != 2 or len(shape) != 2:
-            raise ValueError(f"{name}: a memory map is for 2-byte matrices, not {dtype} {shape}")
+        if dtype not in MEMMAP_DTYPES or len(shape) != 2:
+            raise ValueError(f"{name}: a memory map is for {', '.join(MEMMAP_DTYPES)} matrices, not {dtype} {shape}")
         path = self.files[name]
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             start, end = json.loads(f.read(length))[self._stored_as[name]]["data_offsets"]
         if end - start != self.nbytes(name) or 8 + length + end > path.stat().st_size:
             raise ValueError(f"{path.name}: {name} does not fit in the file (truncated or damaged copy)")
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=8 + length + start, shape=tuple(shape))
+        return np.memmap(path, dtype=MEMMAP_DTYPES[dtype], mode="r", offset=8 + length + start, shape=tuple(shape))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one file open at a time."""

@@ -159,3 +159,30 @@ def test_the_table_s_memory_is_given_back_on_an_e2b_sized_vocabulary(tmp_path):
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["equal"]
     assert probe["before"] - probe["after"] > 0.9 * table_bytes, (probe, table_bytes)
+
+
+@pytest.mark.parametrize("table", ["int4-g32", "int8"])
+def test_a_packed_table_export_through_the_cache_equals_its_packed_reload(tmp_path, table):
+    """An export with its PLE table packed (int4 / int8): the cache reads the packed rows and dequantizes only
+    those, and the model computes what the export's own reload (the whole table decompressed) computes."""
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.formats import FORMATS, COMPRESSED_TENSORS
+    from pipeline.reload import load_quantized
+    from pipeline.run import quantize_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: tiny:e2b\nscheme: W4A16\nembeddings: {{per_layer: {table}}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    quantize_run(recipe, validate=False, card=False)
+    export = tmp_path / "run" / "export"
+    reload = lambda: load_quantized(AutoModelForImageTextToText, export, FORMATS[COMPRESSED_TENSORS])[0].eval()  # noqa: E731
+    full, model = reload(), reload()
+    cache = PLECache.attach(model, export, hot_rows=HOT, policy="lru")
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, full(**batch).logits)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**batch, **kwargs), full.generate(**batch, **kwargs))
+    bits = 4 if table.startswith("int4") else 8
+    assert cache.stats().table_bytes < 1024 * 10 * 64 * bits / 8 * 1.2  # the packed bytes, not BF16's

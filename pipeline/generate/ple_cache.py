@@ -4,7 +4,8 @@ The PLE table (`embed_tokens_per_layer`: 262,144 × 8,960 BF16 on E2B, 4.70 GB, 
 on E4B) is read one row per token per forward. `PLECache` replaces the loaded model's table with a module
 that keeps `hot_rows` rows in memory on the model's device and reads every other row from the checkpoint's
 safetensors file through a memory map, so the table is never held whole in the process's own memory (nor on
-an accelerator). On a CPU in BF16, transformers 5.17 already maps the file and leaves the table file-backed,
+an accelerator). The stored table is BF16, or an export's packed int4/int8 table, whose rows are dequantized as
+they are read, as the reload dequantizes the whole table. On a CPU in BF16, transformers 5.17 already maps the file and leaves the table file-backed,
 paged in as rows are read; a model widened to float32 or placed on an accelerator holds it whole. Rows are the stored bytes, scaled as
 transformers scales them (`Gemma4TextScaledWordEmbedding`: row × sqrt(hidden_size_per_layer_input) in the
 table's dtype), so logits and `generate` output are bit-identical to the model with its full table.
@@ -56,11 +57,45 @@ class PLEStats:
         return self.hits / self.lookups if self.lookups else 0.0
 
 
-class PLECache(nn.Module):
-    """`embed_tokens_per_layer` with `hot_rows` rows in memory and the rest read from `rows` (the stored BF16
-    table, [vocabulary, layers × per-layer width], memory-mapped), served in `dtype`, the model's."""
+class StoredRows:
+    """A BF16 table's rows, memory-mapped from the checkpoint."""
 
-    def __init__(self, rows: np.memmap, dtype: torch.dtype, embed_scale: float, device: torch.device,
+    def __init__(self, rows: np.memmap):
+        self.rows = rows
+        self.shape = rows.shape
+        self.nbytes = rows.nbytes
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.rows[ids])).view(torch.bfloat16)
+
+
+class PackedRows:
+    """A pack-quantized table's rows (compressed-tensors' int4/int8 `weight_packed` and `weight_scale`, as our
+    exports store PLE tables), memory-mapped; the rows read are unpacked and dequantized by compressed-tensors'
+    own `unpack_from_int32` and `dequantize`, as its decompressor does the whole table when the export reloads,
+    so they are the reloaded table's rows bit for bit. Fills a gap: compressed-tensors decompresses whole tables."""
+
+    def __init__(self, packed: np.memmap, scale: np.memmap, columns: int, args):
+        self.packed, self.scale, self.args = packed, scale, args
+        self.shape = (packed.shape[0], columns)
+        self.nbytes = packed.nbytes + scale.nbytes
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+        packed = torch.from_numpy(np.ascontiguousarray(self.packed[ids]))
+        scale = torch.from_numpy(np.ascontiguousarray(self.scale[ids])).view(torch.bfloat16)
+        ints = unpack_from_int32(packed, self.args.num_bits, torch.Size([len(ids), self.shape[1]]))
+        return dequantize(x_q=ints, scale=scale, zero_point=None, args=self.args)
+
+
+class PLECache(nn.Module):
+    """`embed_tokens_per_layer` with `hot_rows` rows in memory and the rest read from `rows` (the stored table,
+    [vocabulary, layers × per-layer width], memory-mapped: BF16, or packed int4/int8), served in `dtype`, the
+    model's."""
+
+    def __init__(self, rows: StoredRows | PackedRows, dtype: torch.dtype, embed_scale: float, device: torch.device,
                  hot_rows: int, policy: str, hot_ids: Iterable[int] | None = None):
         super().__init__()
         if policy not in POLICIES:
@@ -87,25 +122,20 @@ class PLECache(nn.Module):
                hot_ids: Iterable[int] | None = None) -> PLECache:
         """Replace `model`'s PLE table by a cache over the table stored in `checkpoint` (the folder the model
         was loaded from), free the table's memory, and return the cache. The stored table must be the one the
-        model holds: a BF16 table of the same shape."""
+        model holds: BF16, or an export's packed int4/int8 table (the model is its reload), of the same shape."""
         name, table = _find_table(model)
         unreadable = [f"{path.name} ({why})" for path in sorted(Path(checkpoint).glob(WEIGHT_GLOB)) if (why := why_unreadable(path))]
         if unreadable:
             raise PLECacheError(f"{checkpoint}: cannot read {', '.join(unreadable)}")
-        stored = StoredTensors(Path(checkpoint))
-        key = next((k for k in stored.headers if k.endswith(f"{TABLE}.weight")), None)
-        if key is None:
-            raise PLECacheError(f"{checkpoint}: no {TABLE}.weight in its safetensors files (a packed int4/int8 table "
-                                "is stored as weight_packed: not supported by this cache yet)")
-        dtype, shape = stored.headers[key]
-        if dtype != "BF16" or list(shape) != list(table.weight.shape) or not table.weight.dtype.is_floating_point:
-            raise PLECacheError(f"{stored.files[key].name}: {key} is {dtype} {shape}, the model holds "
-                                f"{table.weight.dtype} {list(table.weight.shape)}: the cache serves the BF16 table as stored")
-        try:
-            rows = stored.memmap(key)
-        except (OSError, ValueError) as err:
-            raise PLECacheError(f"{stored.files[key]}: {key} cannot be memory-mapped ({err})") from err
-        cache = cls(rows, table.weight.dtype, float(table.embed_scale), table.weight.device, hot_rows, policy, hot_ids)
+        rows = stored_rows(Path(checkpoint))
+        # a reloaded packed table has no `weight` until compressed-tensors decompresses it at the first forward
+        weight = table._parameters.get("weight")
+        shape, dtype, device = ((list(weight.shape), weight.dtype, weight.device) if weight is not None else
+                                (table.weight_shape.tolist(), table.weight_scale.dtype, table.weight_scale.device))
+        if list(rows.shape) != shape or not dtype.is_floating_point:
+            raise PLECacheError(f"{checkpoint}: its {TABLE} is {list(rows.shape)}, the model holds {dtype} {shape}: "
+                                "not the table this model was loaded with")
+        cache = cls(rows, dtype, float(table.embed_scale), device, hot_rows, policy, hot_ids)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, cache)
         del table
@@ -135,7 +165,7 @@ class PLECache(nn.Module):
 
     def stats(self) -> PLEStats:
         return PLEStats(self.lookups, self.hits, self.hot_rows, self.hot.numel() * self.hot.element_size(),
-                        self.num_embeddings * self.embedding_dim * self.hot.element_size())
+                        self.rows.nbytes)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
@@ -144,7 +174,7 @@ class PLECache(nn.Module):
 
     def _read(self, ids: np.ndarray) -> torch.Tensor:
         """Rows `ids` from the file, in that order, in the model's dtype (BF16 widens exactly, as at load)."""
-        return torch.from_numpy(np.ascontiguousarray(self.rows[ids])).view(torch.bfloat16).to(self.dtype)
+        return self.rows.read(ids).to(self.dtype)
 
     def _admit(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """lru: put freshly read rows into free slots, else into the least recently used ones."""
@@ -157,6 +187,42 @@ class PLECache(nn.Module):
             self.hot[slot] = row
             self.slot[i] = slot
             self.recent[i] = slot
+
+
+def stored_rows(checkpoint: Path) -> StoredRows | PackedRows:
+    """The PLE table stored in `checkpoint`, memory-mapped: the BF16 `weight`, or the packed tensors with the
+    quantization args its `config.json` gives them."""
+    import json
+
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from pipeline.names import first_match
+
+    stored = StoredTensors(checkpoint)
+    keys = {leaf: next((k for k in stored.headers if k.endswith(f"{TABLE}.{leaf}")), None)
+            for leaf in ("weight", "weight_packed", "weight_scale", "weight_shape")}
+    try:
+        if keys["weight"]:
+            if stored.headers[keys["weight"]][0] != "BF16":
+                raise PLECacheError(f"{stored.files[keys['weight']].name}: {keys['weight']} is "
+                                    f"{stored.headers[keys['weight']][0]}: the cache serves BF16 or packed tables")
+            return StoredRows(stored.memmap(keys["weight"]))
+        if keys["weight_packed"] and keys["weight_scale"] and keys["weight_shape"]:
+            module = keys["weight_packed"].removesuffix(".weight_packed")
+            config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+            group = next((g for g in (config.get("config_groups") or {}).values()
+                          if first_match(module, g.get("targets", []))), None)
+            if group is None:
+                raise PLECacheError(f"{checkpoint / 'config.json'}: no quantization_config group names {module}")
+            columns = int(stored.get(keys["weight_shape"])[1])
+            return PackedRows(stored.memmap(keys["weight_packed"]), stored.memmap(keys["weight_scale"]), columns,
+                              QuantizationArgs(**group["weights"]))
+    except PLECacheError:
+        raise
+    except (OSError, ValueError) as err:
+        raise PLECacheError(f"{checkpoint}: the {TABLE} table cannot be memory-mapped ({err})") from err
+    raise PLECacheError(f"{checkpoint}: no {TABLE}.weight (BF16) or {TABLE}.weight_packed (int4/int8) in its "
+                        "safetensors files")
 
 
 def hot_ids_from(token_ids: Iterable[Iterable[int]], hot_rows: int) -> list[int]:
