@@ -125,6 +125,16 @@ class LicenseFacts(BaseModel):
     language: list[str] | None
 
 
+class PLECacheFacts(BaseModel):
+    """What running this build with the PLE row cache holds in memory instead of the table."""
+    hot_rows: int
+    hot_bytes: int  # the hot rows, in BF16
+    table_bytes: int  # the table as stored in this build
+    mixture: str  # where the recorded hot set came from
+    tokens: int
+    download: bool  # the card's reference is a Hub repo (else a local folder)
+
+
 class CardFacts(BaseModel):
     title: str
     source: SourceFacts
@@ -160,6 +170,8 @@ class CardFacts(BaseModel):
     limitations: list[str]
     dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
     tables: dict[str, str] = {}  # quantized token tables (pipeline/tables.py): name -> scheme label
+    ple_cache: PLECacheFacts | None = None  # E-model builds with a recorded hot set (pipeline/generate/ple_cache.py)
+
 
 
 # ---------------------------------------------------------------- facts
@@ -204,12 +216,26 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         limitations=[],
         dropped_towers=manifest.modalities.dropped_params,
         tables={m.name: m.scheme.label for m in plan.tables},
+        ple_cache=ple_cache_facts(export, plan, download=repo_id is not None),
     )
     if plan.mixed:
         facts.mix = {scheme.label: len(names) for scheme, names in plan.schemes().items()}
         facts.mix_bits = "/".join(map(str, sorted({s.bits for s in plan.schemes()}, reverse=True)))
     facts.limitations = limitations(facts, plan)
     return facts
+
+
+def ple_cache_facts(export: Path, plan: Plan, download: bool) -> PLECacheFacts | None:
+    """The card's PLE cache lines: 5,000 hot rows of a 262k vocabulary (a tiny one: a sixteenth of its rows)."""
+    from pipeline.generate.ple_cache import HOT_IDS_FILE
+
+    table = next((m for m in plan.modules if m.table == "per_layer"), None)
+    if table is None or not (export / HOT_IDS_FILE).is_file():
+        return None
+    recorded = json.loads((export / HOT_IDS_FILE).read_text())
+    rows = min(5000, table.shape[0] // 16)
+    return PLECacheFacts(hot_rows=rows, hot_bytes=2 * rows * table.shape[1], table_bytes=table.export_bytes,
+                         mixture=recorded["mixture"], tokens=recorded["tokens"], download=download)
 
 
 def source_config(recipe: Recipe) -> dict:

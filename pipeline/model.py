@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Files written by the export itself, never copied from the source.
-EXPORT_WRITES = ("config.json", "README.md", "recipe.yaml")
+EXPORT_WRITES = ("config.json", "README.md", "recipe.yaml", "ple_hot_ids.json")  # the last: generate/ple_cache.py
 SIDECAR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.py"]
 
 

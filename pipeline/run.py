@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from pipeline import drafter, text_only
 from pipeline.calibration import CalibrationSet
 from pipeline.compute import computing_in, torch_dtype
+from pipeline.generate.ple_cache import write_hot_ids
 from pipeline.memory import (OFFLOAD_MARKER, MemoryPlan, load_within, plan_memory, quantized_forward_per_layer,
                              resolve_budget)
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
@@ -251,8 +252,9 @@ def quantize_stage(loaded: Loaded, planned: Planned, recipe: Recipe, data: Calib
 
 
 def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, candidate: Path,
-                 data: CalibrationData | None = None) -> Exported:
-    """The quantized model as a complete export in `candidate/export`, and its per-tensor digests."""
+                 data: CalibrationData | None = None, hot_tokens: torch.Tensor | None = None) -> Exported:
+    """The quantized model as a complete export in `candidate/export`, and its per-tensor digests; with
+    `hot_tokens` (an E-model's calibration tokens), the PLE cache's recorded hot set beside it."""
     from pipeline.export import file_checksums, folder_bytes, tensor_digests, write_export
     from pipeline.gguf_export import gguf_tensor_digests
 
@@ -265,6 +267,8 @@ def export_stage(model, quantized: Quantized, planned: Planned, recipe: Recipe, 
     else:
         copied = write_export(model, quantized.backend, planned.source, recipe, planned.plan, export)
         digests = tensor_digests(export)
+        if hot_tokens is not None:
+            write_hot_ids(export, hot_tokens, recipe.calibration.mixture or "the recipe's calibration sources")
     write_json_atomically(candidate / DIGESTS, digests)
     record = ExportRecord(format=recipe.export, copied_from_source=copied, files=file_checksums(export),
                           tensor_digests_sha256=hashlib.sha256((candidate / DIGESTS).read_bytes()).hexdigest(),
@@ -321,15 +325,18 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
     offload_dir = run_dir / OFFLOAD
     with timer.stage("load"):
         loaded = load_stage(planned, recipe, offload_dir)
-    data, calibration_set = None, None
+    data, calibration_set, hot_tokens = None, None, None
     if recipe.calibrated:
         with timer.stage("calibration"):
             data, calibration_set = calibration_stage(recipe, loaded.tokenizer, run_dir)
+    if any(m.table == "per_layer" for m in planned.plan.modules) and recipe.export != "gguf":
+        # the PLE cache's static hot set: the calibration text's most frequent ids (llama.cpp maps the table itself)
+        hot_tokens = data.tokens if data else calibration_stage(recipe, loaded.tokenizer, run_dir)[0].tokens
     try:
         with timer.stage("quantize"):
             quantized = quantize_stage(loaded, planned, recipe, data, reference_model)
         with timer.stage("export"):
-            exported = export_stage(loaded.model, quantized, planned, recipe, candidate, data)
+            exported = export_stage(loaded.model, quantized, planned, recipe, candidate, data, hot_tokens)
         loaded.model = None  # the export is the model from here on
         report = None
         # a GGUF is not a transformers checkpoint: validation loads it in llama.cpp

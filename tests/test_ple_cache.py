@@ -186,3 +186,37 @@ def test_a_packed_table_export_through_the_cache_equals_its_packed_reload(tmp_pa
     assert torch.equal(model.generate(**batch, **kwargs), full.generate(**batch, **kwargs))
     bits = 4 if table.startswith("int4") else 8
     assert cache.stats().table_bytes < 1024 * 10 * 64 * bits / 8 * 1.2  # the packed bytes, not BF16's
+
+
+def test_the_quantize_run_records_the_hot_set_and_the_card_s_lines_run_it(tmp_path):
+    """An E-model build carries its calibration text's most frequent ids (`ple_hot_ids.json`); the card's PLE cache
+    lines, run as written, attach a static cache with them, and the model computes what the whole table does."""
+    import re
+
+    from pipeline.generate.ple_cache import HOT_IDS_FILE, recorded_hot_ids
+    from pipeline.run import quantize_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: tiny:e2b\nscheme: W4A16\ncalibration: {{samples: 8, seq_len: 64}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    quantize_run(recipe, validate=False)
+    export = tmp_path / "run" / "export"
+    recorded = json.loads((export / HOT_IDS_FILE).read_text())
+    assert recorded["tokens"] == 8 * 64 and recorded["counts"] == sorted(recorded["counts"], reverse=True)
+    assert recorded_hot_ids(export, 5) == recorded["ids"][:5]
+
+    card = (export / "README.md").read_text()
+    code = re.search(r"#### With the PLE row cache.*?```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own lines
+    cache, model = scope["cache"], scope["model"]
+    assert isinstance(cache, PLECache) and cache.policy == "static" and cache.hot_rows == 1024 // 16
+    from transformers import AutoModelForImageTextToText
+
+    batch = _batch()
+    reloaded = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.bfloat16).eval()  # the whole table
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert cache.stats().hits > 0
+    with pytest.raises(PLECacheError, match="no recorded hot set"):
+        recorded_hot_ids(_source("e2b"), 5)

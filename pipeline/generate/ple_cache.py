@@ -38,6 +38,8 @@ from pipeline.tensors import WEIGHT_GLOB, StoredTensors, why_unreadable
 
 TABLE = "embed_tokens_per_layer"
 POLICIES = ("static", "lru")
+HOT_IDS_FILE = "ple_hot_ids.json"  # in an E-model export: the calibration text's most frequent ids, for policy="static"
+RECORDED_IDS = 20_000  # ids kept there, most frequent first: more than any hot set worth holding
 
 
 class PLECacheError(ValueError):
@@ -223,6 +225,30 @@ def stored_rows(checkpoint: Path) -> StoredRows | PackedRows:
         raise PLECacheError(f"{checkpoint}: the {TABLE} table cannot be memory-mapped ({err})") from err
     raise PLECacheError(f"{checkpoint}: no {TABLE}.weight (BF16) or {TABLE}.weight_packed (int4/int8) in its "
                         "safetensors files")
+
+
+def write_hot_ids(folder: Path, token_ids: torch.Tensor, mixture: str) -> Path:
+    """Record the most frequent ids of the run's calibration tokens in the export, so that a user of a published
+    build gets a static hot set without the calibration text."""
+    import json
+
+    counts = Counter(token_ids.reshape(-1).tolist()).most_common(RECORDED_IDS)
+    path = Path(folder) / HOT_IDS_FILE
+    path.write_text(json.dumps({"mixture": mixture, "tokens": int(token_ids.numel()),
+                                "ids": [i for i, _ in counts], "counts": [c for _, c in counts]}))
+    return path
+
+
+def recorded_hot_ids(checkpoint: str | Path, hot_rows: int) -> list[int]:
+    """The `hot_rows` most frequent ids the quantize run recorded in `checkpoint` (`policy="static"`)."""
+    import json
+
+    path = Path(checkpoint) / HOT_IDS_FILE
+    try:
+        return json.loads(path.read_text())["ids"][:hot_rows]
+    except (OSError, ValueError, KeyError) as err:
+        raise PLECacheError(f"{path}: no recorded hot set ({type(err).__name__}: {err}); give hot_ids="
+                            "hot_ids_from(your token ids, hot_rows), or policy='lru'") from err
 
 
 def hot_ids_from(token_ids: Iterable[Iterable[int]], hot_rows: int) -> list[int]:
