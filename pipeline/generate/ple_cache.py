@@ -13,13 +13,13 @@ table's dtype), so logits and `generate` output are bit-identical to the model w
 Hot rows: `policy="static"` holds the ids it is given (the most frequent ids of a corpus: `hot_ids_from`);
 `policy="lru"` fills its `hot_rows` slots with the rows last read and evicts the least recently used.
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    cache = PLECache.attach(model, path, hot_rows=5000, policy="lru")
+    model, cache = PLECache.load(AutoModelForImageTextToText, path, hot_rows=5000, policy="lru", device="cuda")
+    # or, on a model already loaded: cache = PLECache.attach(model, path, hot_rows=5000, policy="lru")
     model.generate(**inputs)
     cache.stats()   # lookups, hit rate, resident bytes
 
-A forward reads each of its distinct ids' rows once, hot or cold. The hot rows live on the device the table
-was on when the cache was attached: place the model first.
+A forward reads each of its distinct ids' rows once, hot or cold. The hot rows are buffers: they follow
+`model.to(device, dtype)`.
 """
 
 from __future__ import annotations
@@ -102,11 +102,13 @@ class PLECache(nn.Module):
         super().__init__()
         if policy not in POLICIES:
             raise PLECacheError(f"policy {policy!r}: one of {', '.join(POLICIES)}")
-        self.rows, self.dtype, self.policy = rows, dtype, policy
+        self.rows, self.policy = rows, policy
         self.num_embeddings, self.embedding_dim = rows.shape
-        self.embed_scale = torch.tensor(embed_scale)  # as transformers' scaled embedding holds it
+        # buffers (not saved): `model.to(device, dtype)` moves and casts them with the rest of the model
+        self.register_buffer("embed_scale", torch.tensor(embed_scale), persistent=False)  # as transformers holds it
         self.hot_rows = min(hot_rows, self.num_embeddings)
-        self.hot = torch.empty(self.hot_rows, self.embedding_dim, dtype=dtype, device=device)
+        self.register_buffer("hot", torch.empty(self.hot_rows, self.embedding_dim, dtype=dtype, device=device),
+                             persistent=False)
         self.slot = torch.full((self.num_embeddings,), -1, dtype=torch.long)  # id → its hot row, -1: cold
         self.recent: OrderedDict[int, int] = OrderedDict()  # lru: id → slot, least recent first
         self.lookups = self.hits = 0
@@ -118,6 +120,24 @@ class PLECache(nn.Module):
                 self.slot[ids] = torch.arange(len(ids))
         elif hot_ids is not None:
             raise PLECacheError("hot_ids are for policy='static'; 'lru' chooses its rows as it reads them")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the rows are served in: the model's dtype, which the hot rows follow."""
+        return self.hot.dtype
+
+    @classmethod
+    def load(cls, model_class, checkpoint: str | Path, hot_rows: int = 5000, policy: str = "static",
+             hot_ids: Iterable[int] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             **from_pretrained) -> tuple[nn.Module, PLECache]:
+        """`model_class.from_pretrained(checkpoint)` with the PLE table served by the cache and never held whole:
+        loaded in BF16 on the CPU, where transformers maps the checkpoint and leaves the table file-backed, the
+        cache attached, then the model moved to `device` and `dtype` without its table. (Loaded straight to an
+        accelerator, or in float32, transformers would hold the whole table there first.)"""
+        model = model_class.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cpu", **from_pretrained)
+        cache = cls.attach(model, checkpoint, hot_rows, policy, hot_ids)
+        model.to(device=device, dtype=dtype)
+        return model, cache
 
     @classmethod
     def attach(cls, model: nn.Module, checkpoint: str | Path, hot_rows: int = 5000, policy: str = "static",
