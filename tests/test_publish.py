@@ -51,7 +51,7 @@ def test_first_publish_is_one_commit_of_exactly_the_export(validated_copy, hub):
     [commit] = hub.commits
     local = _local_files(validated_copy)
     assert sorted(commit["added"]) == sorted(local) == ["README.md", "chat_template.jinja", "config.json",
-                                                        "generation_config.json", "model.safetensors", "recipe.yaml",
+                                                        "generation_config.json", "model.safetensors", "ple_hot_ids.json", "recipe.yaml",
                                                         "tokenizer.json", "tokenizer_config.json"]
     assert {path: len(data) for path, data in commit["added"].items()} == {p: len(d) for p, d in local.items()}
     assert commit["added"] == local and commit["deleted"] == []

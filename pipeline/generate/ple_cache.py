@@ -157,7 +157,7 @@ class PLECache(nn.Module):
         if list(rows.shape) != shape or not dtype.is_floating_point:
             raise PLECacheError(f"{checkpoint}: its {TABLE} is {list(rows.shape)}, the model holds {dtype} {shape}: "
                                 "not the table this model was loaded with")
-        cache = cls(rows, dtype, float(table.embed_scale), device, hot_rows, policy, hot_ids)
+        cache = cls(rows, dtype, float(table.embed_scale.detach()), device, hot_rows, policy, hot_ids)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, cache)
         del table
