@@ -155,7 +155,9 @@ class CardFacts(BaseModel):
     context: int
     recipe_yaml: str
     recipe_verbatim: bool
+    settings: list[str]  # given on the command line, applied to the recipe file
     command: str
+    recipe_shipped: bool  # the recipe is one of gemma-quant's recipes/
     license: LicenseFacts
     limitations: list[str]
     dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
@@ -199,7 +201,8 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         model_class="AutoModelForImageTextToText" if arch.multimodal else "AutoModelForCausalLM",
         preprocessor="AutoProcessor" if any((export / f).is_file() for f in PROCESSOR_FILES) else "AutoTokenizer",
         context=min(arch.max_positions, SUGGESTED_CONTEXT),
-        recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
+        recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, settings=manifest.settings,
+        command=quantize_command(manifest, recipe), recipe_shipped=shipped_recipe(manifest, recipe),
         license=license_facts(manifest, recipe, source),
         limitations=[],
         dropped_towers=manifest.modalities.dropped_params,
@@ -307,10 +310,19 @@ def recipe_text(manifest: Manifest) -> tuple[str, bool]:
     return yaml.safe_dump(manifest.recipe.model_dump(mode="json"), sort_keys=False).rstrip("\n"), False
 
 
-def quantize_command(manifest: Manifest, recipe: Recipe) -> str:
+def shipped_recipe(manifest: Manifest, recipe: Recipe) -> bool:
     path = Path(manifest.recipe_file)
-    shipped = path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
-    return f"gemma-quant quantize {recipe.name if shipped else recipe.name + '.yaml'}"
+    return path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
+
+
+def quantize_command(manifest: Manifest, recipe: Recipe) -> str:
+    """The command that ran, settings given on the command line included."""
+    import shlex
+
+    name = recipe.name if shipped_recipe(manifest, recipe) else recipe.name + ".yaml"
+    given = [part for text in manifest.settings
+             for part in (text.split(" ", 1) if text.startswith("--model ") else [text])]
+    return shlex.join(["gemma-quant", "quantize", name, *given])
 
 
 def source_card_metadata(manifest: Manifest, source: SourceFacts) -> tuple[dict, str]:

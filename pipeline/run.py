@@ -29,8 +29,8 @@ from pipeline.memory import (OFFLOAD_MARKER, MemoryPlan, load_within, plan_memor
                              resolve_budget)
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
-from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
-                             resolve_recipe_path)
+from pipeline.recipe import (MemorySpec, Recipe, RecipeError, Setting, check_against_config, data_file_problems,
+                             default_run_dir, load_recipe, resolve_recipe_path)
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
                              RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
                              Sizes, SourceRecord, library_versions, write_json_atomically)
@@ -64,25 +64,29 @@ class Timer:
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
-def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, Plan]:
-    """Config only: resolve the source, validate the recipe against it, build the plan."""
+def make_plan(recipe: Recipe, recipe_path: str | Path, settings: tuple[Setting, ...] = ()) -> tuple[Source, object, Plan]:
+    """Config only: resolve the source, validate the recipe against it, build the plan. `settings`: those
+    given on the command line, named by the problems at their keys."""
     problems = data_file_problems(recipe)
     try:
         source, config = source_and_config(recipe.model, recipe_path)
         check_against_config(recipe, config, recipe_path)
     except RecipeError as err:
         problems = err.problems + problems
-    RecipeError.collect(recipe_path, problems)
-    if text_only.wanted(recipe):
-        config = text_only.text_only_config(config)
-    return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
+    try:
+        RecipeError.collect(recipe_path, problems)
+        if text_only.wanted(recipe):
+            config = text_only.text_only_config(config)
+        return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
+    except RecipeError as err:
+        raise err.naming(settings) from None
 
 
-def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
-    recipe = load_recipe(recipe_ref)
+def plan_run(recipe_ref: str | Path, run_dir: Path | None = None, settings: tuple[Setting, ...] = ()) -> Plan:
+    recipe = load_recipe(recipe_ref, settings)
     recipe_path = resolve_recipe_path(recipe_ref)
-    _, _, plan = make_plan(recipe, recipe_path)
-    run_dir = run_dir or recipe.run_dir
+    _, _, plan = make_plan(recipe, recipe_path, settings)
+    run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path, plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.save(run_dir / PLAN)
@@ -124,16 +128,17 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
                  validate: bool = True, card: bool = True, memory: MemorySpec | None = None,
-                 serve: bool = True) -> Manifest:
+                 serve: bool = True, settings: tuple[Setting, ...] = ()) -> Manifest:
     """recipe → plan → load → quantize → export → reload check → manifest → validation → model card,
     all in a candidate folder, then moved into place at once. A candidate that fails validation (which
     raises ValidationFailed) gets its card too, saying so, and is kept in `rejected/`; the previous export
     stays. `memory` overrides the recipe's memory budgets (the CLI's flags); the memory plan is made in the
     plan stage, before any weight loads. `serve`: validation's serve check, where a runtime can run the export
-    here (pipeline/runtimes/)."""
+    here (pipeline/runtimes/). `settings`: given on the command line, applied to the recipe file's keys and
+    recorded in the manifest."""
     recipe_path = resolve_recipe_path(recipe_ref)
-    recipe = load_recipe(recipe_path)
-    run_dir = run_dir or recipe.run_dir
+    recipe = load_recipe(recipe_path, settings)
+    run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
@@ -141,7 +146,8 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
         clear_interrupted(run_dir)
         candidate = Path(tempfile.mkdtemp(prefix=CANDIDATE, dir=run_dir))
         try:
-            build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
+            build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory,
+                            settings=settings)
             if validate:
                 _validate_candidate(candidate, card, serve)
             elif card:
@@ -188,8 +194,9 @@ class Exported:
     sizes: Sizes
 
 
-def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path) -> Planned:
-    source, config, plan = make_plan(recipe, recipe_path)
+def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path,
+               settings: tuple[Setting, ...] = ()) -> Planned:
+    source, config, plan = make_plan(recipe, recipe_path, settings)
     plan.save(candidate / PLAN)
     memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory), recipe_path)
     log.info("memory plan:\n%s", memory_plan.render())
@@ -305,13 +312,13 @@ def reload_stage(export: Path, planned: Planned, recipe: Recipe, probe: torch.Te
 
 def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
                     reload_check: bool | None = None, memory: MemorySpec | None = None,
-                    reference_model=None) -> Manifest:
+                    reference_model=None, settings: tuple[Setting, ...] = ()) -> Manifest:
     """Plan, load, quantize, export and reload-check into `candidate`, its manifest last. Calibration
     tokens and block checkpoints go to `run_dir`, where a rerun finds them. `reference_model`: see
-    quantize_stage."""
+    quantize_stage. `settings`: those given on the command line, which `recipe` has applied."""
     timer = Timer()
     with timer.stage("plan"):
-        planned = plan_stage(recipe, recipe_path, memory, candidate)
+        planned = plan_stage(recipe, recipe_path, memory, candidate, settings)
     offload_dir = run_dir / OFFLOAD
     with timer.stage("load"):
         loaded = load_stage(planned, recipe, offload_dir)
@@ -336,6 +343,7 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
     manifest = Manifest(
         status="exported", created=started.isoformat(timespec="seconds"), recipe_file=str(recipe_path),
         recipe_sha256=hashlib.sha256(recipe_path.read_bytes()).hexdigest(), recipe=recipe,
+        settings=[setting.text for setting in settings],
         source=SourceRecord(id=recipe.model.id, path=str(planned.source.path) if planned.source.path else None,
                             revision=recipe.model.revision),
         algorithm=recipe.algorithm, library=recipe.runs_on, calibration=calibration_set,

@@ -160,7 +160,8 @@ class Manifest(_Record):
     created: str
     recipe_file: str
     recipe_sha256: str
-    recipe: Recipe
+    recipe: Recipe  # as run: the file with `settings` applied
+    settings: list[str] = []  # given on the command line (`group_size=128`, `--model ./x`), in order
     source: SourceRecord
     algorithm: str
     library: str  # what the algorithm ran on (pipeline/algorithms.py)
