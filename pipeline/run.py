@@ -32,11 +32,11 @@ from pipeline.plan import Plan, build_plan
 from pipeline.recipe import (MemorySpec, Recipe, RecipeError, Setting, check_against_config, data_file_problems,
                              default_run_dir, load_recipe, resolve_recipe_path)
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
-                             RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
+                             RUN_FILES, RUN_MARK, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
                              Sizes, SourceRecord, library_versions, write_json_atomically)
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
-from pipeline.runlock import run_lock
+from pipeline.runlock import LOCK, run_lock
 from pipeline.runtimes.check import SERVE_SCRATCH
 from pipeline.tables import quantize_tables
 
@@ -88,9 +88,59 @@ def plan_run(recipe_ref: str | Path, run_dir: Path | None = None, settings: tupl
     _, _, plan = make_plan(recipe, recipe_path, settings)
     run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path, plan)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     plan.save(run_dir / PLAN)
     return plan
+
+
+MAX_ENTRIES_SHOWN = 5
+
+
+def check_owned(run_dir: Path, recipe_path: str | Path) -> None:
+    """Refuse a folder that is neither missing, nor empty, nor a gemma-quant run's, naming a few of its entries:
+    a run writes beside its own files only (`output_dir: /etc` must not get a plan.json)."""
+    try:  # the lock file of a run that holds the folder is gemma-quant's (pipeline/runlock.py)
+        entries = sorted(path.name for path in run_dir.iterdir() if path.name != LOCK)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise RecipeError(recipe_path, "output_dir", f"{run_dir} is a file; give a folder for the run") from None
+    except OSError as err:
+        raise RecipeError(recipe_path, "output_dir", f"{run_dir} cannot be read: {err.strerror or err}") from None
+    if not entries or _ours(run_dir):
+        return
+    shown = ", ".join(entries[:MAX_ENTRIES_SHOWN]) + (f" and {len(entries) - MAX_ENTRIES_SHOWN} more"
+                                                     if len(entries) > MAX_ENTRIES_SHOWN else "")
+    raise RecipeError(recipe_path, "output_dir", f"{run_dir} holds {shown}, and no gemma-quant run: a run writes "
+                      "only into a folder that does not exist, is empty, or holds a gemma-quant run; give another "
+                      "output_dir or --run-dir")
+
+
+def _ours(run_dir: Path) -> bool:
+    """A folder a gemma-quant run took (its mark), or one that runs from before the mark made: with a manifest
+    of ours, here or in rejected/, or a plan.json that is a plan of ours."""
+    try:
+        if json.loads((run_dir / RUN_MARK).read_text()).get("tool") == "gemma-quant":
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    if _our_manifest(run_dir) is not None or _our_manifest(run_dir / REJECTED) is not None:
+        return True
+    try:
+        Plan.load(run_dir / PLAN)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make the run directory (checked by check_owned) and mark it as a gemma-quant run's, before anything else."""
+    from pipeline import __version__
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARK).is_file():
+        write_json_atomically(run_dir / RUN_MARK, {"tool": "gemma-quant", "version": __version__,
+                                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def _our_manifest(run_dir: Path) -> dict | None:
@@ -105,7 +155,9 @@ def _our_manifest(run_dir: Path) -> dict | None:
 def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = None) -> None:
     """Refuse a run directory whose export/ or offload/ no gemma-quant run made (quantize replaces the one
     and removes the other: never what it did not create), and, given the plan about to be written, one
-    whose export was made from another plan (validate and card would judge that export against this one)."""
+    whose export was made from another plan (validate and card would judge that export against this one).
+    Before that, a folder that is not missing, empty or a gemma-quant run's is refused (check_owned)."""
+    check_owned(run_dir, recipe_path)
     manifest = _our_manifest(run_dir)
     if manifest is None:
         foreign = [f"{name}/" for name in (EXPORT, OFFLOAD) if (run_dir / name).exists()
@@ -140,7 +192,7 @@ def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_che
     recipe = load_recipe(recipe_path, settings)
     run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     started = datetime.now(timezone.utc)
     with run_lock(run_dir), _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
         clear_interrupted(run_dir)

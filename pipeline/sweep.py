@@ -174,14 +174,15 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
     from pipeline.plan import Plan
-    from pipeline.run import build_candidate, make_plan
+    from pipeline.run import build_candidate, check_owned, claim_run_dir, make_plan
     from pipeline.rundir import EXPORT, PLAN
     from pipeline.validate import compare_models, load_export, measure_sizes
 
     recipe_path = resolve_recipe_path(recipe_ref)
     recipe = load_recipe(recipe_path, settings)
     out_dir = out_dir or default_run_dir(recipe, settings) / SWEEP
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_owned(out_dir, recipe_path)
+    claim_run_dir(out_dir)
     spec = recipe.eval.model_copy(update={k: v for k, v in (("samples", eval_samples), ("seq_len", eval_seq_len))
                                           if v is not None})
     source, config, _ = make_plan(recipe, recipe_path, settings)
