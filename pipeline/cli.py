@@ -120,6 +120,8 @@ def _memory_flags(args):
 def cmd_validate(args) -> int:
     from pipeline.validate import ValidationFailed, serve_check_run, validate_run
 
+    if not _holds_a_run(args.run_dir):
+        return 1
     try:
         if args.verb == "serve-check":
             serve_check_run(args.run_dir)
@@ -151,6 +153,18 @@ def _refresh_card(run_dir: Path, after_failure: bool = False) -> None:
         card.unlink()
         console.print(f"{card} removed: the card cannot be rewritten from this export "
                       f"({type(err).__name__}: {str(err)[:200]})", markup=False)
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a gemma-quant run (its manifest); if not, said, and nothing is written there
+    (not even the run lock)."""
+    from pipeline.run import our_manifest
+
+    if our_manifest(run_dir) is None:
+        console.print(f"[bold red]no run in {escape(str(run_dir))}[/] (no manifest.json of a gemma-quant run): "
+                      "quantize the recipe first", highlight=False)
+        return False
+    return True
 
 
 def _run_dir_arg(ref: str, settings: tuple[Setting, ...] = ()) -> Path:
@@ -187,8 +201,7 @@ def cmd_card(args) -> int:
 
     settings = _settings(args)
     run_dir = _run_dir_arg(args.run, settings)
-    if not (run_dir / "manifest.json").is_file():
-        console.print(f"[bold red]no run in {run_dir}[/] (no manifest.json): quantize the recipe first", highlight=False)
+    if not _holds_a_run(run_dir):
         return 1
     path = write_card(run_dir, _repo_id(args, settings))
     console.print(f"{path} front matter:\n{ModelCard.load(path).data.to_yaml()}", markup=False, highlight=False)

@@ -124,7 +124,7 @@ def _ours(run_dir: Path) -> bool:
             return True
     except (OSError, ValueError, AttributeError):
         pass
-    if _our_manifest(run_dir) is not None or _our_manifest(run_dir / REJECTED) is not None:
+    if our_manifest(run_dir) is not None or our_manifest(run_dir / REJECTED) is not None:
         return True
     try:
         Plan.load(run_dir / PLAN)
@@ -143,7 +143,7 @@ def claim_run_dir(run_dir: Path) -> None:
                                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def _our_manifest(run_dir: Path) -> dict | None:
+def our_manifest(run_dir: Path) -> dict | None:
     """The run directory's manifest, if a gemma-quant run wrote it."""
     try:
         manifest = json.loads((run_dir / MANIFEST).read_text())
@@ -158,7 +158,7 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
     whose export was made from another plan (validate and card would judge that export against this one).
     Before that, a folder that is not missing, empty or a gemma-quant run's is refused (check_owned)."""
     check_owned(run_dir, recipe_path)
-    manifest = _our_manifest(run_dir)
+    manifest = our_manifest(run_dir)
     if manifest is None:
         foreign = [f"{name}/" for name in (EXPORT, OFFLOAD) if (run_dir / name).exists()
                    and not (name == OFFLOAD and (run_dir / name / OFFLOAD_MARKER).is_file())]

@@ -68,3 +68,11 @@ def test_runs_made_before_the_mark_are_still_ours(tmp_path):
     (run / "plan.json").write_text("{}")
     with pytest.raises(RecipeError, match="holds plan.json, and no gemma-quant run"):
         plan_run("tiny-e2b-w4a16", run)
+
+
+@pytest.mark.parametrize("verb", ["validate", "serve-check", "card"])
+def test_verbs_that_update_a_run_write_nothing_where_there_is_none(verb, foreign, capsys):
+    (foreign / "manifest.json").write_text(json.dumps({"tool": {"name": "other"}}))
+    assert main([verb, str(foreign)]) == 1
+    assert f"no run in {foreign} (no manifest.json of a gemma-quant run)" in " ".join(capsys.readouterr().out.split())
+    assert _listing(foreign) == ["manifest.json", "notes.txt"]  # not even the run lock
