@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel
 
 from pipeline.plan import Kept, Plan
-from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe
+from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe, clip
 from pipeline.records import EvalReport
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.text_only import PROCESSOR_FILES
@@ -68,6 +68,9 @@ def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
     if not data:
         return recipe.algorithm_spec.data_note or "none recorded in the manifest"
     sources = ", ".join(f"{name} ({count})" for name, count in data.per_source.items())
+    if data.fell_back_from:  # calibration.fallback: the mixture that ran, and why the ones before it did not
+        tried = "; ".join(f"`{name}` could not be loaded: {clip(why, 160)}" for name, why in data.fell_back_from.items())
+        sources += f" (mixture `{data.mixture}`, its fallback: {tried})"
     if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
         return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}), "
                 f"for the FP8 KV-cache scales only; the weights are round-to-nearest")

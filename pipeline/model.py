@@ -73,7 +73,7 @@ def load_config(source: Source):
     and one warning."""
     from transformers import AutoConfig
 
-    went_offline = go_offline_if_unreachable(source.spec) if source.path is None else None
+    went_offline = go_offline_if_unreachable(source.spec.id, source.spec.revision) if source.path is None else None
     try:
         config = AutoConfig.from_pretrained(source.ref, revision=source.spec.revision)
     except OSError:
@@ -97,8 +97,9 @@ def load_config(source: Source):
 _BUNDLED_WARNED: set[str] = set()  # model ids planned from the bundled config, said once per process
 
 
-def go_offline_if_unreachable(spec: ModelSpec) -> str | None:
-    """One HEAD request for the model's config.json, without huggingface_hub's retries (hf_hub_download retries
+def go_offline_if_unreachable(repo_id: str, revision: str | None = None, repo_type: str | None = None,
+                               filename: str = "config.json") -> str | None:
+    """One HEAD request for a file of the repo, without huggingface_hub's retries (hf_hub_download retries
     a failed connection five times with backoff, 23 s per file); if the Hub cannot be reached at all, offline
     mode for the rest of the process, so no later request waits either. Returns what to tell the user when it
     switched (None: the Hub answered, even with an error, or offline mode was already on)."""
@@ -108,7 +109,7 @@ def go_offline_if_unreachable(spec: ModelSpec) -> str | None:
     if constants.is_offline_mode():
         return None
     try:
-        get_hf_file_metadata(hf_hub_url(spec.id, "config.json", revision=spec.revision))
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision))
     except httpx.TransportError as err:  # no answer: DNS, refused, timed out (an HTTP error status is an answer)
         go_offline()
         return (f"the Hub ({constants.ENDPOINT}) is unreachable ({type(err).__name__}: {clip(str(err), 120)}); "

@@ -250,26 +250,58 @@ class CalibrationSource(_Strict):
 
 class CalibrationSpec(_Strict):
     """The calibration data: a named mixture from calibration/ (the default: `default`), with any key
-    the recipe sets beside it winning over the mixture's."""
+    the recipe sets beside it winning over the mixture's. `fallback`: mixtures to calibrate on instead, in
+    order, when this one's sources cannot be loaded (offline, the Hub unreachable), e.g. `mixture: chat` with
+    `fallback: [default]`; the recipe's own keys (samples, seq_len, seed) win over each of them too."""
 
     mixture: str | None = None  # the calibration/<name>.yaml the other keys default from; None: none
     sources: list[CalibrationSource] = Field(min_length=1)
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=8)
     seed: int = 0
+    fallback: list[CalibrationSpec] = []  # written as mixture names; resolved here like the recipe's own mixture
 
     @model_validator(mode="before")
     @classmethod
     def _from_mixture(cls, data):
         if not isinstance(data, dict):
             return data
+        if isinstance(data.get("fallback"), list):
+            own = {k: v for k, v in data.items() if k not in ("mixture", "sources", "fallback")}
+            data = {**data, "fallback": [{**own, "mixture": item} if isinstance(item, str) else item
+                                         for item in data["fallback"]]}
         if "mixture" not in data and "sources" in data:
             return data  # the recipe lists its own sources
         name = data.get("mixture", DEFAULT_MIXTURE)
         return {**calibration_mixture(name), **data, "mixture": name}
 
+    @field_validator("fallback")
+    @classmethod
+    def _no_nested_fallback(cls, value: list[CalibrationSpec]) -> list[CalibrationSpec]:
+        if any(spec.fallback for spec in value):
+            raise ValueError("a fallback mixture has no fallback of its own: list every mixture, in order, "
+                             "under the recipe's calibration.fallback")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _fallback_by_name(self, handler):
+        # Written back as the recipe wrote it: a fallback that is a named mixture with the recipe's own keys
+        # is its name (a manifest's recipe stays readable, and parses back to the same spec).
+        data = handler(self)
+        own = {k: v for k, v in data.items() if k not in ("mixture", "sources", "fallback")}
+        data["fallback"] = [item["mixture"] if isinstance(item, dict) and item.get("mixture") and
+                            _named_fallback(own, item["mixture"]) == item else item for item in data.get("fallback", [])]
+        if not data["fallback"]:
+            del data["fallback"]
+        return data
+
 
 DEFAULT_MIXTURE = "default"
+
+
+def _named_fallback(own: dict, name: str) -> dict:
+    """The fallback `name` resolved with the recipe's own calibration keys, as serialized."""
+    return CalibrationSpec.model_validate({**own, "mixture": name}).model_dump(mode="json")
 
 
 def calibration_mixtures() -> list[str]:
