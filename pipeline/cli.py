@@ -1,8 +1,9 @@
 """`gemma-quant`: the pipeline's verbs, thin over pipeline.run.
 
-Every verb that takes a recipe also takes settings after it, applied to the recipe file's keys before it is
-validated: `--model ./my-e2b-finetune` (shorthand for model.id=...) and KEY=VALUE with a dotted key and a YAML
-value, e.g. `gemma-quant quantize e2b-w4a16 --model ./my-e2b-finetune group_size=64 calibration.samples=256`.
+Every verb that takes a recipe (validate, serve-check, card and publish: for its run) also takes settings after
+it, applied to the recipe file's keys before it is validated: `--model ./my-e2b-finetune` (shorthand for
+model.id=...) and KEY=VALUE with a dotted key and a YAML value, e.g.
+`gemma-quant quantize e2b-w4a16 --model ./my-e2b-finetune group_size=64 calibration.samples=256`.
 They are recorded in the manifest and the card, and name the default run directory
 (runs/e2b-w4a16--my-e2b-finetune--group_size-64--calibration.samples-256; hub.*, memory.* and description
 settings do not), which later verbs given the same recipe and settings find.
@@ -120,20 +121,21 @@ def _memory_flags(args):
 def cmd_validate(args) -> int:
     from pipeline.validate import ValidationFailed, serve_check_run, validate_run
 
-    if not _holds_a_run(args.run_dir):
+    run_dir = _run_dir_arg(args.run, _settings(args))
+    if not _holds_a_run(run_dir):
         return 1
     try:
         if args.verb == "serve-check":
-            serve_check_run(args.run_dir)
+            serve_check_run(run_dir)
         else:
-            validate_run(args.run_dir, serve=not args.no_serve)
+            validate_run(run_dir, serve=not args.no_serve)
     except ValidationFailed as err:
-        _refresh_card(args.run_dir, after_failure=True)
-        show_eval(args.run_dir)
+        _refresh_card(run_dir, after_failure=True)
+        show_eval(run_dir)
         console.print(f"[bold red]{err}[/]")
         return 1
-    _refresh_card(args.run_dir)
-    show_eval(args.run_dir)
+    _refresh_card(run_dir)
+    show_eval(run_dir)
     return 0
 
 
@@ -370,13 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                          help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
-    validate.add_argument("run_dir", type=Path)
+    validate.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+    _add_settings(validate)
     for sub in (quantize, validate):
         sub.add_argument("--no-serve", action="store_true",
                          help="skip validation's serve check (the export served by vLLM, where it can run here)")
     serve_check = verbs.add_parser("serve-check", help="serve a validated run's export with vLLM and compare its "
                                                        "log-probs with transformers' from validation")
-    serve_check.add_argument("run_dir", type=Path)
+    serve_check.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+    _add_settings(serve_check)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
     publish = verbs.add_parser("publish", help="push a validated export to the Hugging Face Hub in one commit")
     for sub in (card, publish):

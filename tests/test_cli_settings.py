@@ -147,3 +147,5 @@ def test_quantize_a_local_finetune_with_a_shipped_recipe(finetune, tmp_path, mon
     capsys.readouterr()
     assert main(["card", "tiny-e2b-w4a16", *settings]) == 0
     assert capsys.readouterr().out.startswith(f"{run.relative_to(tmp_path)}/export/README.md front matter")
+    assert main(["validate", "tiny-e2b-w4a16", *settings, "--no-serve"]) == 0
+    assert f"report: {run.relative_to(tmp_path)}/eval.md" in capsys.readouterr().out.replace("\n", "")
