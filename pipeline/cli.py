@@ -5,7 +5,7 @@ it, applied to the recipe file's keys before it is validated: `--model ./my-e2b-
 model.id=...) and KEY=VALUE with a dotted key and a YAML value, e.g.
 `gemma-quant quantize e2b-w4a16 --model ./my-e2b-finetune group_size=64 calibration.samples=256`.
 They are recorded in the manifest and the card, and name the default run directory
-(runs/e2b-w4a16--my-e2b-finetune--group_size-64--calibration.samples-256; hub.*, memory.* and description
+(runs/e2b-w4a16--my-e2b-finetune--group_size-64--calibration.samples-256; hub.*, memory.*, description and name
 settings do not), which later verbs given the same recipe and settings find.
 """
 

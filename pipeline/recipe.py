@@ -746,8 +746,9 @@ class Setting:
     @property
     def names_the_run(self) -> bool:
         """Whether the setting changes what the run builds, so the default run directory is named after it:
-        not where the build is published (hub), the memory it is built within, its output_dir or description."""
-        return self.key.split(".")[0] not in ("hub", "memory", "output_dir", "description")
+        not where the build is published (hub), the memory it is built within, its description, or its name and
+        output_dir (which name the run directory themselves)."""
+        return self.key.split(".")[0] not in ("hub", "memory", "description", "name", "output_dir")
 
     @property
     def label(self) -> str:

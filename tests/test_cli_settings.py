@@ -89,6 +89,7 @@ def test_the_default_run_directory_is_named_after_the_settings_that_change_the_b
     # where it is published, and the memory it is built within, do not change the build
     assert run_dir(*_settings("hub.repo_id=me/x", "memory.max_cpu_memory=20GiB")) == "runs/e2b-w4a16"
     assert run_dir(*_settings("output_dir=/tmp/mine"), Setting.model("./x")) == "/tmp/mine"
+    assert run_dir(*_settings("name=mine", "group_size=64")) == "runs/mine--group_size-64"
     long = run_dir(*_settings(*(f"description=x{i}" for i in range(3)), "skip=[" + ",".join(["a" * 50] * 6) + "]"))
     assert len(Path(long).name) <= 120 and long.startswith("runs/e2b-w4a16--skip-")
 
