@@ -52,25 +52,30 @@ $(LLAMA_CPP)/.installed: $(VENV)/.installed
 	rm $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	touch $@
 
+# make quantize RECIPE=e2b-w4a16 [MODEL=./my-e2b-finetune] [SET="group_size=64 calibration.samples=256"]
+# MODEL and SET change the recipe's keys (gemma-quant --help) and name its run directory, for every target
+# below that takes RECIPE: `make card RECIPE=e2b-w4a16 MODEL=./my-e2b-finetune` cards that run.
+SETTINGS = $(if $(MODEL),--model $(MODEL)) $(SET)
+
 plan: setup
-	$(BIN)/gemma-quant plan $(RECIPE)
+	$(BIN)/gemma-quant plan $(RECIPE) $(SETTINGS)
 
 quantize: setup
-	$(BIN)/gemma-quant quantize $(RECIPE)
+	$(BIN)/gemma-quant quantize $(RECIPE) $(SETTINGS)
 
 # make sweep RECIPE=gemma3-270m-w4a16 [POLICIES=uniform-4,sliding3-full4] [BITS=8,4,3] [GGUF=Q8_0,Q4_0,Q4_K_M]
 # → runs/<recipe>/sweep/{sweep.md, sweep.png, sweep.json}
 sweep: setup
-	$(BIN)/gemma-quant sweep $(RECIPE) $(if $(POLICIES),--policies $(POLICIES)) $(if $(BITS),--bits $(BITS)) \
+	$(BIN)/gemma-quant sweep $(RECIPE) $(SETTINGS) $(if $(POLICIES),--policies $(POLICIES)) $(if $(BITS),--bits $(BITS)) \
 		$(if $(GGUF),--gguf $(GGUF))
 
 card: setup
-	$(BIN)/gemma-quant card $(RECIPE)
+	$(BIN)/gemma-quant card $(RECIPE) $(SETTINGS)
 
 # make publish RECIPE=e2b-w4a16 [REPO_ID=me/gemma-4-E2B-it-W4A16] [PRIVATE=1] [REVISION=branch] [DRY_RUN=1] [FORCE=1]
 # publishes the recipe's run directory (runs/<name>); the token comes from HF_TOKEN or `hf auth login`.
 publish: setup
-	$(BIN)/gemma-quant publish $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(filter 1,$(PRIVATE)),--private) \
+	$(BIN)/gemma-quant publish $(RECIPE) $(SETTINGS) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(filter 1,$(PRIVATE)),--private) \
 		$(if $(REVISION),--revision $(REVISION)) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FORCE)),--force)
 
 # The fast tier (tiny models, every stage): what to run after a change. One pytest-xdist worker per

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from pydantic import BaseModel
 
 from pipeline.corpus import CorpusError, load_texts
 from pipeline.recipe import CalibrationSpec, CalibrationSource
+
+log = logging.getLogger(__name__)
 
 CACHE_DIR = "calibration"
 
@@ -31,6 +34,9 @@ class CalibrationSet(BaseModel):
     seq_len: int
     per_source: dict[str, int]
     cached: bool
+    mixture: str | None = None  # the mixture the windows came from (None: the recipe's own sources)
+    # mixtures tried first whose sources could not be loaded, each with why (calibration.fallback)
+    fell_back_from: dict[str, str] = {}
 
 
 def allocate(samples: int, weights: list[float]) -> list[int]:
@@ -67,6 +73,10 @@ def _records(source: CalibrationSource) -> list[dict]:
     if source.source.startswith("hf:"):
         from datasets import load_dataset
 
+        from pipeline.model import go_offline_if_unreachable
+
+        if went_offline := go_offline_if_unreachable(source.source[3:], repo_type="dataset", filename="README.md"):
+            log.warning(went_offline)
         try:
             return list(load_dataset(source.source[3:], source.config, split=source.split))
         except Exception as err:
@@ -114,7 +124,26 @@ def build(spec: CalibrationSpec, tokenizer) -> tuple[torch.Tensor, dict[str, int
 
 
 def load_or_build(spec: CalibrationSpec, tokenizer, run_dir: Path, tokenizer_id: str) -> tuple[torch.Tensor, CalibrationSet]:
-    """The calibration tokens for this recipe, from the run directory's cache when still valid."""
+    """The calibration tokens for this recipe; where its mixture's sources cannot be loaded (offline, the Hub
+    unreachable, a dataset gone), those of its fallback mixtures, in order, each fallback logged and recorded."""
+    *firsts, last = [spec, *spec.fallback]
+    fell_back_from: dict[str, str] = {}
+    for candidate, following in zip(firsts, [*firsts[1:], last]):
+        try:
+            tokens, calibration_set = _load_or_build(candidate, tokenizer, run_dir, tokenizer_id)
+            return tokens, calibration_set.model_copy(update={"mixture": candidate.mixture,
+                                                              "fell_back_from": fell_back_from})
+        except CorpusError as err:
+            name = candidate.mixture or "the recipe's sources"
+            fell_back_from[name] = str(err)
+            log.warning("calibration: mixture %s could not be loaded (%s); falling back to mixture %s", name, err,
+                        following.mixture)
+    tokens, calibration_set = _load_or_build(last, tokenizer, run_dir, tokenizer_id)
+    return tokens, calibration_set.model_copy(update={"mixture": last.mixture, "fell_back_from": fell_back_from})
+
+
+def _load_or_build(spec: CalibrationSpec, tokenizer, run_dir: Path, tokenizer_id: str) -> tuple[torch.Tensor, CalibrationSet]:
+    """The calibration tokens of one mixture, from the run directory's cache when still valid."""
     key = hashlib.sha256(json.dumps([spec.model_dump(mode="json"), tokenizer_id], sort_keys=True).encode()).hexdigest()
     folder = run_dir / CACHE_DIR
     meta_path, tokens_path = folder / "meta.json", folder / "tokens.pt"

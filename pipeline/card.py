@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel
 
 from pipeline.plan import Kept, Plan
-from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe
+from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe, clip
 from pipeline.records import EvalReport
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.text_only import PROCESSOR_FILES
@@ -68,6 +68,9 @@ def calibration_text(manifest: Manifest, recipe: Recipe) -> str:
     if not data:
         return recipe.algorithm_spec.data_note or "none recorded in the manifest"
     sources = ", ".join(f"{name} ({count})" for name, count in data.per_source.items())
+    if data.fell_back_from:  # calibration.fallback: the mixture that ran, and why the ones before it did not
+        tried = "; ".join(f"`{name}` could not be loaded: {clip(why, 160)}" for name, why in data.fell_back_from.items())
+        sources += f" (mixture `{data.mixture}`, its fallback: {tried})"
     if recipe.algorithm == "rtn":  # calibration data only for the static FP8 KV-cache scales
         return (f"{data.samples} × {data.seq_len} tokens from {sources} (sha256 {data.sha256[:12]}), "
                 f"for the FP8 KV-cache scales only; the weights are round-to-nearest")
@@ -165,7 +168,9 @@ class CardFacts(BaseModel):
     context: int
     recipe_yaml: str
     recipe_verbatim: bool
+    settings: list[str]  # given on the command line, applied to the recipe file
     command: str
+    recipe_shipped: bool  # the recipe is one of gemma-quant's recipes/
     license: LicenseFacts
     limitations: list[str]
     dropped_towers: dict[str, int] = {}  # text-only builds: parameters left out, per tower component
@@ -211,7 +216,8 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         model_class="AutoModelForImageTextToText" if arch.multimodal else "AutoModelForCausalLM",
         preprocessor="AutoProcessor" if any((export / f).is_file() for f in PROCESSOR_FILES) else "AutoTokenizer",
         context=min(arch.max_positions, SUGGESTED_CONTEXT),
-        recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, command=quantize_command(manifest, recipe),
+        recipe_yaml=recipe_yaml, recipe_verbatim=verbatim, settings=manifest.settings,
+        command=quantize_command(manifest, recipe), recipe_shipped=shipped_recipe(manifest, recipe),
         license=license_facts(manifest, recipe, source),
         limitations=[],
         dropped_towers=manifest.modalities.dropped_params,
@@ -333,10 +339,19 @@ def recipe_text(manifest: Manifest) -> tuple[str, bool]:
     return yaml.safe_dump(manifest.recipe.model_dump(mode="json"), sort_keys=False).rstrip("\n"), False
 
 
-def quantize_command(manifest: Manifest, recipe: Recipe) -> str:
+def shipped_recipe(manifest: Manifest, recipe: Recipe) -> bool:
     path = Path(manifest.recipe_file)
-    shipped = path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
-    return f"gemma-quant quantize {recipe.name if shipped else recipe.name + '.yaml'}"
+    return path.parent.resolve() == RECIPES_DIR and path.stem == recipe.name
+
+
+def quantize_command(manifest: Manifest, recipe: Recipe) -> str:
+    """The command that ran, settings given on the command line included."""
+    import shlex
+
+    name = recipe.name if shipped_recipe(manifest, recipe) else recipe.name + ".yaml"
+    given = [part for text in manifest.settings
+             for part in (text.split(" ", 1) if text.startswith("--model ") else [text])]
+    return shlex.join(["gemma-quant", "quantize", name, *given])
 
 
 def source_card_metadata(manifest: Manifest, source: SourceFacts) -> tuple[dict, str]:

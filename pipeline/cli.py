@@ -1,4 +1,13 @@
-"""`gemma-quant`: the pipeline's verbs, thin over pipeline.run."""
+"""`gemma-quant`: the pipeline's verbs, thin over pipeline.run.
+
+Every verb that takes a recipe (validate, serve-check, card and publish: for its run) also takes settings after
+it, applied to the recipe file's keys before it is validated: `--model ./my-e2b-finetune` (shorthand for
+model.id=...) and KEY=VALUE with a dotted key and a YAML value, e.g.
+`gemma-quant quantize e2b-w4a16 --model ./my-e2b-finetune group_size=64 calibration.samples=256`.
+They are recorded in the manifest and the card, and name the default run directory
+(runs/e2b-w4a16--my-e2b-finetune--group_size-64--calibration.samples-256; hub.*, memory.*, description and name
+settings do not), which later verbs given the same recipe and settings find.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.recipe import RecipeError
+from pipeline.recipe import RecipeError, Setting
 from pipeline.runlock import RunDirBusy
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -53,19 +62,20 @@ def cmd_plan(args) -> None:
     from pipeline.run import plan_run
     from pipeline.rundir import PLAN
 
-    plan = plan_run(args.recipe, args.run_dir)
+    settings = _settings(args)
+    plan = plan_run(args.recipe, args.run_dir, settings)
     show_plan(plan)
-    console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe)) / PLAN}", markup=False)
-    show_memory_plan(args.recipe, plan, _memory_flags(args))
+    console.print(f"plan written to {(args.run_dir or _run_dir(args.recipe, settings)) / PLAN}", markup=False)
+    show_memory_plan(args.recipe, plan, _memory_flags(args), settings)
 
 
-def show_memory_plan(recipe_ref: str, plan, overrides) -> None:
+def show_memory_plan(recipe_ref: str, plan, overrides, settings: tuple[Setting, ...] = ()) -> None:
     """How `quantize` would hold the model within the budget (raises MemoryBudgetError if it cannot)."""
     from pipeline.memory import plan_memory, resolve_budget
     from pipeline.model import load_config, resolve
     from pipeline.recipe import load_recipe, resolve_recipe_path
 
-    recipe = load_recipe(recipe_ref)
+    recipe = load_recipe(recipe_ref, settings)
     text = load_config(resolve(recipe.model)).get_text_config()
     memory = plan_memory(plan, recipe, text, *resolve_budget(recipe.memory, overrides), resolve_recipe_path(recipe_ref))
     console.print(memory.table())
@@ -76,11 +86,12 @@ def cmd_quantize(args) -> int:
     from pipeline.rundir import REJECTED
     from pipeline.validate import ValidationFailed
 
-    run_dir = args.run_dir or _run_dir(args.recipe)
+    settings = _settings(args)
+    run_dir = args.run_dir or _run_dir(args.recipe, settings)
     try:
         manifest = quantize_run(args.recipe, args.run_dir, reload_check=False if args.no_reload_check else None,
                                 validate=not args.no_validate, card=not args.no_card, memory=_memory_flags(args),
-                                serve=not args.no_serve)
+                                serve=not args.no_serve, settings=settings)
     except ValidationFailed as err:
         show_eval(run_dir / REJECTED)
         previous = "the previous export is left in place" if (run_dir / "export").is_dir() else "no export is in place"
@@ -110,18 +121,21 @@ def _memory_flags(args):
 def cmd_validate(args) -> int:
     from pipeline.validate import ValidationFailed, serve_check_run, validate_run
 
+    run_dir = _run_dir_arg(args.run, _settings(args))
+    if not _holds_a_run(run_dir):
+        return 1
     try:
         if args.verb == "serve-check":
-            serve_check_run(args.run_dir)
+            serve_check_run(run_dir)
         else:
-            validate_run(args.run_dir, serve=not args.no_serve)
+            validate_run(run_dir, serve=not args.no_serve)
     except ValidationFailed as err:
-        _refresh_card(args.run_dir, after_failure=True)
-        show_eval(args.run_dir)
+        _refresh_card(run_dir, after_failure=True)
+        show_eval(run_dir)
         console.print(f"[bold red]{err}[/]")
         return 1
-    _refresh_card(args.run_dir)
-    show_eval(args.run_dir)
+    _refresh_card(run_dir)
+    show_eval(run_dir)
     return 0
 
 
@@ -143,15 +157,43 @@ def _refresh_card(run_dir: Path, after_failure: bool = False) -> None:
                       f"({type(err).__name__}: {str(err)[:200]})", markup=False)
 
 
-def _run_dir_arg(ref: str) -> Path:
-    """RUN is a run directory, or a recipe whose run directory is meant (as `make` passes it)."""
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a gemma-quant run (its manifest); if not, said, and nothing is written there
+    (not even the run lock)."""
+    from pipeline.run import our_manifest
+
+    if our_manifest(run_dir) is None:
+        console.print(f"[bold red]no run in {escape(str(run_dir))}[/] (no manifest.json of a gemma-quant run): "
+                      "quantize the recipe first", highlight=False)
+        return False
+    return True
+
+
+def _run_dir_arg(ref: str, settings: tuple[Setting, ...] = ()) -> Path:
+    """RUN is a run directory, or a recipe whose run directory is meant (as `make` passes it), with the
+    settings it was quantized with."""
     path = Path(ref)
     if path.is_dir():
+        if settings:
+            raise RecipeError(ref, "run", f"is a run directory; settings ({', '.join(s.text for s in settings)}) "
+                              "apply to a recipe: give the recipe and its settings, or the run directory alone")
         return path
     try:
-        return _run_dir(ref)
+        from pipeline.recipe import resolve_recipe_path
+
+        resolve_recipe_path(ref)
     except RecipeError:
         raise RecipeError(ref, "run", "neither a run directory nor a recipe name or file") from None
+    return _run_dir(ref, settings)
+
+
+def _repo_id(args, settings: tuple[Setting, ...]) -> str | None:
+    """--repo-id, else a hub.repo_id given on the command line (else None: the run's recipe says)."""
+    from pipeline.recipe import load_recipe
+
+    if args.repo_id or not any(setting.concerns("hub.repo_id") for setting in settings):
+        return args.repo_id
+    return load_recipe(args.run, settings).hub.repo_id
 
 
 def cmd_card(args) -> int:
@@ -159,11 +201,11 @@ def cmd_card(args) -> int:
 
     from pipeline.card import write_card
 
-    run_dir = _run_dir_arg(args.run)
-    if not (run_dir / "manifest.json").is_file():
-        console.print(f"[bold red]no run in {run_dir}[/] (no manifest.json): quantize the recipe first", highlight=False)
+    settings = _settings(args)
+    run_dir = _run_dir_arg(args.run, settings)
+    if not _holds_a_run(run_dir):
         return 1
-    path = write_card(run_dir, args.repo_id)
+    path = write_card(run_dir, _repo_id(args, settings))
     console.print(f"{path} front matter:\n{ModelCard.load(path).data.to_yaml()}", markup=False, highlight=False)
     return 0
 
@@ -172,7 +214,8 @@ def cmd_publish(args) -> int:
     from pipeline.publish import PublishError, describe, prepare, publish
 
     try:
-        plan = prepare(_run_dir_arg(args.run), args.repo_id, args.private, args.revision)
+        settings = _settings(args)
+        plan = prepare(_run_dir_arg(args.run, settings), _repo_id(args, settings), args.private, args.revision)
         if args.dry_run:
             console.print(describe(plan, args.force), markup=False, highlight=False)
             return 0 if args.force or not plan.problems else 1
@@ -187,12 +230,12 @@ def cmd_sweep(args) -> int:
     from pipeline.recipe import load_recipe
     from pipeline.sweep import resolve_policies, run_sweep
 
-    recipe = load_recipe(args.recipe)
+    settings = _settings(args)
+    recipe = load_recipe(args.recipe, settings)
     # --gguf alone compares GGUF types only; with --policies or --bits, both
     policies = resolve_policies(args.policies, args.bits, recipe) if args.policies or args.bits or not args.gguf else []
-    out_dir = args.run_dir / "sweep" if args.run_dir else None
-    results = run_sweep(args.recipe, policies, out_dir, args.eval_samples, args.eval_seq_len, args.gguf)
-    out_dir = out_dir or recipe.run_dir / "sweep"
+    out_dir = (args.run_dir or _run_dir(args.recipe, settings)) / "sweep"
+    results = run_sweep(args.recipe, policies, out_dir, args.eval_samples, args.eval_seq_len, args.gguf, settings)
     table = Table(title=f"sweep: {recipe.model.id}, {recipe.algorithm}")
     for col in ("policy", "weights", "bits/param", "weight error (all)", "KL mean", "top-1"):
         table.add_column(col, justify="left" if col == "policy" else "right")
@@ -275,27 +318,45 @@ def show_gguf_eval(run_dir: Path, report: dict) -> None:
     console.print(f"report: {run_dir / 'eval.md'}")
 
 
-def _run_dir(recipe_ref: str) -> Path:
-    from pipeline.recipe import load_recipe
+def _run_dir(recipe_ref: str, settings: tuple[Setting, ...] = ()) -> Path:
+    from pipeline.recipe import default_run_dir, load_recipe
 
-    return load_recipe(recipe_ref).run_dir
+    return default_run_dir(load_recipe(recipe_ref, settings), settings)
+
+
+def _settings(args) -> tuple[Setting, ...]:
+    """--model, then the KEY=VALUE settings given after the recipe, in their order."""
+    return (*((Setting.model(args.model),) if args.model else ()), *(Setting.parse(text) for text in args.settings))
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                        help="recipe keys to change, e.g. group_size=64 calibration.samples=256 hub.repo_id=me/x "
+                             "(dotted keys, YAML values), applied to the recipe file before it is validated")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER",
+                        help="the checkpoint to quantize instead of the recipe's: a Hub id or a local folder "
+                             "(shorthand for model.id=...); names the run directory runs/<recipe>--<its last part>")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gemma-quant", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gemma-quant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     verbs = parser.add_subparsers(dest="verb", required=True)
     plan = verbs.add_parser("plan", help="show every layer's fate and the size estimate (config only)")
     quantize = verbs.add_parser("quantize", help="plan, quantize, export and reload-check a recipe")
     for sub in (plan, quantize):
         sub.add_argument("recipe", help="recipe name in recipes/ or a path to a YAML file")
-        sub.add_argument("--run-dir", type=Path, default=None, help="default: the recipe's output_dir or runs/<name>")
+        _add_settings(sub)
+        sub.add_argument("--run-dir", type=Path, default=None,
+                         help="default: the recipe's output_dir or runs/<name>, named after the settings given")
     quantize.add_argument("--no-reload-check", action="store_true")
     quantize.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     quantize.add_argument("--no-card", action="store_true", help="do not write the model card (export/README.md)")
     sweep = verbs.add_parser("sweep", help="compare mixed-precision policies on the recipe's model: size, "
                                            "weight error per layer type, KL and top-1 (table and plot)")
     sweep.add_argument("recipe", help="recipe name in recipes/ or a path to a YAML file")
+    _add_settings(sweep)
     sweep.add_argument("--policies", type=_csv(str), default=None,
                        help="comma-separated policy names (default: a standard set; `recipe`: the recipe as written)")
     sweep.add_argument("--bits", type=_csv(int), default=None, help="uniform policies at these widths, e.g. 8,4,3")
@@ -311,17 +372,20 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                          help="per-GPU memory budget, e.g. 70GiB (overrides the recipe's memory.max_gpu_memory)")
     validate = verbs.add_parser("validate", help="measure an exported run against the unquantized model")
-    validate.add_argument("run_dir", type=Path)
+    validate.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+    _add_settings(validate)
     for sub in (quantize, validate):
         sub.add_argument("--no-serve", action="store_true",
                          help="skip validation's serve check (the export served by vLLM, where it can run here)")
     serve_check = verbs.add_parser("serve-check", help="serve a validated run's export with vLLM and compare its "
                                                        "log-probs with transformers' from validation")
-    serve_check.add_argument("run_dir", type=Path)
+    serve_check.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+    _add_settings(serve_check)
     card = verbs.add_parser("card", help="write the model card, export/README.md, from the run's measurements")
     publish = verbs.add_parser("publish", help="push a validated export to the Hugging Face Hub in one commit")
     for sub in (card, publish):
         sub.add_argument("run", help="run directory, or a recipe (its run directory is used)")
+        _add_settings(sub)
         sub.add_argument("--repo-id", default=None, help="OWNER/NAME; default: the recipe's hub.repo_id")
     publish.add_argument("--private", action="store_true", default=None,
                          help="create the repo private (default: the recipe's hub.private)")
@@ -329,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--force", action="store_true",
                          help="publish even if the run failed or skipped validation, is incomplete, or changed since")
     publish.add_argument("--dry-run", action="store_true", help="show what would be pushed; touch no network")
-    args = parser.parse_args(argv)
+    # KEY=VALUE settings may come after options too (`quantize e2b-w4a16 --model ./x group_size=64`),
+    # where argparse leaves them over.
+    args, extra = parser.parse_known_args(argv)
+    if unknown := [text for text in extra if text.startswith("-") or "settings" not in args]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.settings = [*args.settings, *extra]
     logging.basicConfig(level=logging.INFO if args.verbose or args.verb != "plan" else logging.WARNING,
                         format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     try:

@@ -69,19 +69,68 @@ def _tiny_source(variant: str, seed: int) -> Path:
 
 def load_config(source: Source):
     """The source's config; for the known Gemma 4 Hub ids, the bundled copy when the Hub is out of reach
-    (so plans of the shipped recipes work offline)."""
+    (so plans of the shipped recipes work offline). An unreachable Hub costs one request (go_offline_if_unreachable)
+    and one warning."""
     from transformers import AutoConfig
 
+    went_offline = go_offline_if_unreachable(source.spec.id, source.spec.revision) if source.path is None else None
     try:
-        return AutoConfig.from_pretrained(source.ref, revision=source.spec.revision)
+        config = AutoConfig.from_pretrained(source.ref, revision=source.spec.revision)
     except OSError:
         bundled = bundled_config_name(source.spec.id)
         if source.path is not None or bundled is None:
+            if went_offline:
+                log.warning(went_offline)
             raise
         from pipeline.tiny import full_config
 
-        log.warning("%s: Hub unreachable, planning from the bundled copy of its config", source.spec.id)
+        if went_offline or source.spec.id not in _BUNDLED_WARNED:
+            log.warning("%s: %s; planning from the bundled copy of its config", source.spec.id,
+                        went_offline or "the Hub is unreachable (offline mode)")
+            _BUNDLED_WARNED.add(source.spec.id)
         return AutoConfig.for_model(**full_config(bundled))
+    if went_offline:
+        log.warning("%s; the config of %s comes from the local cache", went_offline, source.spec.id)
+    return config
+
+
+_BUNDLED_WARNED: set[str] = set()  # model ids planned from the bundled config, said once per process
+
+
+def go_offline_if_unreachable(repo_id: str, revision: str | None = None, repo_type: str | None = None,
+                               filename: str = "config.json") -> str | None:
+    """One HEAD request for a file of the repo, without huggingface_hub's retries (hf_hub_download retries
+    a failed connection five times with backoff, 23 s per file); if the Hub cannot be reached at all, offline
+    mode for the rest of the process, so no later request waits either. Returns what to tell the user when it
+    switched (None: the Hub answered, even with an error, or offline mode was already on)."""
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.is_offline_mode():
+        return None
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision))
+    except httpx.TransportError as err:  # no answer: DNS, refused, timed out (an HTTP error status is an answer)
+        go_offline()
+        return (f"the Hub ({constants.ENDPOINT}) is unreachable ({type(err).__name__}: {clip(str(err), 120)}); "
+                "offline for the rest of this run (HF_HUB_OFFLINE=1 skips this check)")
+    except Exception:  # the Hub answered (gated, missing, ...): from_pretrained reports it as it does online
+        return None
+    return None
+
+
+def go_offline() -> None:
+    """huggingface_hub's offline mode, which transformers reads through huggingface_hub.is_offline_mode(), set
+    for this process (datasets copies it when imported: set there too) and its children (vLLM, llama.cpp)."""
+    import os
+    import sys
+
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if (datasets_config := sys.modules.get("datasets.config")) is not None:
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
 
 
 def source_and_config(spec: ModelSpec, recipe_path: str | Path):

@@ -9,8 +9,12 @@ Every failure is a `RecipeError` naming the file, the key and what is allowed.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import re
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, get_args, get_origin
 
@@ -83,15 +87,29 @@ def hub_id_problem(value: str) -> str | None:
 
 class RecipeError(ValueError):
     """A recipe that cannot run, with the file, the key and the fix in the message. `more` holds the
-    file's further problems (key, message), reported together with the first."""
+    file's further problems (key, message), reported together with the first. `settings`: the settings
+    given on the command line; a problem at a key one of them set names it beside the file."""
 
-    def __init__(self, source: str | Path, key: str, message: str, more: list[tuple[str, str]] = ()):
-        self.source, self.key = str(source), key
+    def __init__(self, source: str | Path, key: str, message: str, more: list[tuple[str, str]] = (),
+                 settings: tuple[Setting, ...] = ()):
+        self.source, self.key, self.settings = str(source), key, tuple(settings)
         self.problems = [(key, clip(message)), *((k, clip(m)) for k, m in more)]
-        lines = [f"{source}: {k}: {m}" for k, m in self.problems[:MAX_PROBLEMS]]
+        lines = [f"{self.source_of(k)}: {k}: {m}" for k, m in self.problems[:MAX_PROBLEMS]]
         if len(self.problems) > MAX_PROBLEMS:
             lines.append(f"{source}: ... and {len(self.problems) - MAX_PROBLEMS} more problems")
         super().__init__("\n".join(lines))
+
+    def source_of(self, key: str) -> str:
+        """The file, and the command-line settings that set `key` (or a key above or below it)."""
+        given = [f"`{setting.text}`" for setting in self.settings if setting.concerns(key)]
+        return f"{self.source} + command line {', '.join(given)}" if given else self.source
+
+    def naming(self, settings: tuple[Setting, ...]) -> RecipeError:
+        """The same problems, each naming the command-line settings it comes from."""
+        if not settings:
+            return self
+        (key, message), *more = self.problems
+        return RecipeError(self.source, key, message, more, settings)
 
     @classmethod
     def collect(cls, source: str | Path, problems: list[tuple[str, str]]) -> None:
@@ -232,26 +250,58 @@ class CalibrationSource(_Strict):
 
 class CalibrationSpec(_Strict):
     """The calibration data: a named mixture from calibration/ (the default: `default`), with any key
-    the recipe sets beside it winning over the mixture's."""
+    the recipe sets beside it winning over the mixture's. `fallback`: mixtures to calibrate on instead, in
+    order, when this one's sources cannot be loaded (offline, the Hub unreachable), e.g. `mixture: chat` with
+    `fallback: [default]`; the recipe's own keys (samples, seq_len, seed) win over each of them too."""
 
     mixture: str | None = None  # the calibration/<name>.yaml the other keys default from; None: none
     sources: list[CalibrationSource] = Field(min_length=1)
     samples: int = Field(default=128, ge=1)
     seq_len: int = Field(default=512, ge=8)
     seed: int = 0
+    fallback: list[CalibrationSpec] = []  # written as mixture names; resolved here like the recipe's own mixture
 
     @model_validator(mode="before")
     @classmethod
     def _from_mixture(cls, data):
         if not isinstance(data, dict):
             return data
+        if isinstance(data.get("fallback"), list):
+            own = {k: v for k, v in data.items() if k not in ("mixture", "sources", "fallback")}
+            data = {**data, "fallback": [{**own, "mixture": item} if isinstance(item, str) else item
+                                         for item in data["fallback"]]}
         if "mixture" not in data and "sources" in data:
             return data  # the recipe lists its own sources
         name = data.get("mixture", DEFAULT_MIXTURE)
         return {**calibration_mixture(name), **data, "mixture": name}
 
+    @field_validator("fallback")
+    @classmethod
+    def _no_nested_fallback(cls, value: list[CalibrationSpec]) -> list[CalibrationSpec]:
+        if any(spec.fallback for spec in value):
+            raise ValueError("a fallback mixture has no fallback of its own: list every mixture, in order, "
+                             "under the recipe's calibration.fallback")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _fallback_by_name(self, handler):
+        # Written back as the recipe wrote it: a fallback that is a named mixture with the recipe's own keys
+        # is its name (a manifest's recipe stays readable, and parses back to the same spec).
+        data = handler(self)
+        own = {k: v for k, v in data.items() if k not in ("mixture", "sources", "fallback")}
+        data["fallback"] = [item["mixture"] if isinstance(item, dict) and item.get("mixture") and
+                            _named_fallback(own, item["mixture"]) == item else item for item in data.get("fallback", [])]
+        if not data["fallback"]:
+            del data["fallback"]
+        return data
+
 
 DEFAULT_MIXTURE = "default"
+
+
+def _named_fallback(own: dict, name: str) -> dict:
+    """The fallback `name` resolved with the recipe's own calibration keys, as serialized."""
+    return CalibrationSpec.model_validate({**own, "mixture": name}).model_dump(mode="json")
 
 
 def calibration_mixtures() -> list[str]:
@@ -641,14 +691,127 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     raise RecipeError(name_or_path, "recipe", f"no such file, and no recipes/{name_or_path}.yaml; known recipes: {known}")
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Read and validate a recipe; any problem raises RecipeError before a model is touched."""
+def load_recipe(name_or_path: str | Path, settings: tuple[Setting, ...] = ()) -> Recipe:
+    """Read and validate a recipe, with the settings given on the command line applied to the file's keys
+    first; any problem raises RecipeError before a model is touched."""
     path = resolve_recipe_path(name_or_path)
     data = read_recipe_file(path)
     if not isinstance(data, dict):
         raise RecipeError(path, "recipe", "the file must hold a mapping of keys (model:, scheme:, ...)")
     data.setdefault("name", path.stem)
-    return parse_recipe(data, source=path)
+    for setting in settings:
+        setting.apply(data, path)
+    try:
+        return parse_recipe(data, source=path)
+    except RecipeError as err:
+        raise err.naming(settings) from None
+
+
+# Settings given on the command line (`group_size=128`, `calibration.samples=256`, `--model ./my-finetune`):
+# torchtune's `key=value` after the config name. They change the file's YAML data before it is validated,
+# so a setting fails exactly as the same key written in the file would.
+_SETTING_KEY = re.compile(r"[A-Za-z_][\w-]*(\.(?:[A-Za-z_][\w-]*|[0-9]+))*")
+
+
+@dataclass(frozen=True)
+class Setting:
+    text: str  # as given: `group_size=128`, or `--model ./x`
+    key: str  # dotted: calibration.samples; a number is an item of a list (calibration.sources.0.weight)
+    value: object  # the YAML value
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """`KEY=VALUE`, the value read as YAML (128 is a number, null is null, [a, b] a list)."""
+        key, equals, value = text.partition("=")
+        if not equals or not _SETTING_KEY.fullmatch(key.strip()):
+            raise RecipeError("command line", clip(text, 60), "not a setting: write KEY=VALUE with a dotted key, "
+                              "e.g. group_size=128 or calibration.samples=256")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError("command line", key.strip(), f"`{clip(text, 80)}`: the value is not valid YAML: "
+                              f"{clip(str(err), 300)}") from None
+        return cls(text, key.strip(), parsed)
+
+    @classmethod
+    def model(cls, model_id: str) -> Setting:
+        """`--model X`: shorthand for model.id=X (the value taken as written, never as YAML)."""
+        return cls(f"--model {model_id}", "model.id", model_id)
+
+    def concerns(self, key: str) -> bool:
+        """Whether a problem at `key` can come from this setting: the same key, or one inside the other."""
+        mine, theirs = self.key.split("."), key.split(".")
+        return mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine
+
+    def apply(self, data: dict, source: Path) -> None:
+        """Set the key in a recipe's YAML data, making the mappings on its way (the string form of
+        `model:` becomes its mapping, `{id: ...}`)."""
+        *path, last = self.key.split(".")
+        node = data
+        for i, part in enumerate(path):
+            child = _item(node, part)
+            if child is None or (part == "model" and node is data and isinstance(child, str)):
+                child = {} if child is None else {"id": child}
+                _set_item(node, part, child, self, source)
+            if not isinstance(child, (dict, list)):
+                raise RecipeError(source, ".".join(path[:i + 1]), f"holds {shown(child)}, not a mapping of keys, "
+                                  f"so `{self.text}` cannot set a key inside it", settings=(self,))
+            node = child
+        _set_item(node, last, self.value, self, source)
+
+    @property
+    def names_the_run(self) -> bool:
+        """Whether the setting changes what the run builds, so the default run directory is named after it:
+        not where the build is published (hub), the memory it is built within, its description, or its name and
+        output_dir (which name the run directory themselves)."""
+        return self.key.split(".")[0] not in ("hub", "memory", "description", "name", "output_dir")
+
+    @property
+    def label(self) -> str:
+        """The setting in a run directory's name: the model's last path part for model.id, else key-value."""
+        if self.key in ("model", "model.id") and isinstance(self.value, str):
+            return Path(self.value.rstrip("/\\")).name or self.value
+        value = ",".join(map(str, self.value)) if isinstance(self.value, list) else \
+            self.value if isinstance(self.value, str) else json.dumps(self.value)
+        return f"{self.key}-{value}"
+
+
+def _item(node: dict | list, part: str):
+    if isinstance(node, list):
+        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    return node.get(part)
+
+
+def _set_item(node: dict | list, part: str, value, setting: Setting, source: Path) -> None:
+    if isinstance(node, dict):
+        node[part] = value
+    elif part.isdigit() and int(part) < len(node):
+        node[int(part)] = value
+    else:
+        raise RecipeError(source, setting.key, f"`{setting.text}`: the list has {len(node)} items (0 to "
+                          f"{len(node) - 1}); a setting can change an item, not add one", settings=(setting,))
+
+
+MAX_RUN_NAME_CHARS = 120
+
+
+def default_run_dir(recipe: Recipe, settings: tuple[Setting, ...] = ()) -> Path:
+    """The recipe's run directory (output_dir, or runs/<name>), named after the settings given on the command
+    line that change what is built, so a build of another model (`--model ./my-finetune` ->
+    runs/e2b-w4a16--my-finetune) or of other keys (`group_size=64` -> runs/e2b-w4a16--group_size-64) never
+    replaces the recipe's own run. An output_dir given on the command line is taken as it is."""
+    if any(setting.key == "output_dir" for setting in settings):
+        return recipe.run_dir
+    labels = [setting.label for setting in settings if setting.names_the_run]
+    if not labels:
+        return recipe.run_dir
+    # filesystem-safe: letters, digits, `.`, `_`, single `-` within a setting's label; `--` between labels
+    suffix = "--".join(re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-.") for label in labels)
+    name = f"{recipe.run_dir.name}--{suffix}"
+    if len(name) > MAX_RUN_NAME_CHARS:  # within any filesystem's name limit, still one name per set of settings
+        digest = hashlib.sha256("\0".join(s.text for s in settings).encode()).hexdigest()[:12]
+        name = f"{name[:MAX_RUN_NAME_CHARS - 14]}--{digest}"
+    return recipe.run_dir.with_name(name)
 
 
 def read_recipe_file(path: Path):

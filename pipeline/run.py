@@ -30,14 +30,14 @@ from pipeline.memory import (OFFLOAD_MARKER, MemoryPlan, load_within, plan_memor
                              resolve_budget)
 from pipeline.model import Source, build_meta_model, load_config, model_class, source_and_config, text_config
 from pipeline.plan import Plan, build_plan
-from pipeline.recipe import (MemorySpec, Recipe, RecipeError, check_against_config, data_file_problems, load_recipe,
-                             resolve_recipe_path)
+from pipeline.recipe import (MemorySpec, Recipe, RecipeError, Setting, check_against_config, data_file_problems,
+                             default_run_dir, load_recipe, resolve_recipe_path)
 from pipeline.rundir import (CANDIDATE, DIGESTS, EXPORT, MANIFEST, MEMORY_PLAN, OFFLOAD, PLAN, PROMOTING, REJECTED,
-                             RUN_FILES, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
+                             RUN_FILES, RUN_MARK, ExportRecord, GGUFFile, Manifest, MemoryRecord, Modalities, PlanRecord, Projector,
                              Sizes, SourceRecord, library_versions, write_json_atomically)
 from pipeline.records import QuantizeReport
 from pipeline.reload import ReloadReport
-from pipeline.runlock import run_lock
+from pipeline.runlock import LOCK, run_lock
 from pipeline.runtimes.check import SERVE_SCRATCH
 from pipeline.tables import quantize_tables
 
@@ -65,8 +65,9 @@ class Timer:
         log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 
-def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, Plan]:
-    """Config only: resolve the source, validate the recipe against it, build the plan."""
+def make_plan(recipe: Recipe, recipe_path: str | Path, settings: tuple[Setting, ...] = ()) -> tuple[Source, object, Plan]:
+    """Config only: resolve the source, validate the recipe against it, build the plan. `settings`: those
+    given on the command line, named by the problems at their keys."""
     problems = data_file_problems(recipe)
     try:
         source, config = source_and_config(recipe.model, recipe_path)
@@ -74,24 +75,77 @@ def make_plan(recipe: Recipe, recipe_path: str | Path) -> tuple[Source, object, 
         problems += drafter.recipe_problems(recipe, config, recipe_path)
     except RecipeError as err:
         problems = err.problems + problems
-    RecipeError.collect(recipe_path, problems)
-    if text_only.wanted(recipe):
-        config = text_only.text_only_config(config)
-    return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
+    try:
+        RecipeError.collect(recipe_path, problems)
+        if text_only.wanted(recipe):
+            config = text_only.text_only_config(config)
+        return source, config, build_plan(build_meta_model(config), config, recipe, recipe_path)
+    except RecipeError as err:
+        raise err.naming(settings) from None
 
 
-def plan_run(recipe_ref: str | Path, run_dir: Path | None = None) -> Plan:
-    recipe = load_recipe(recipe_ref)
+def plan_run(recipe_ref: str | Path, run_dir: Path | None = None, settings: tuple[Setting, ...] = ()) -> Plan:
+    recipe = load_recipe(recipe_ref, settings)
     recipe_path = resolve_recipe_path(recipe_ref)
-    _, _, plan = make_plan(recipe, recipe_path)
-    run_dir = run_dir or recipe.run_dir
+    _, _, plan = make_plan(recipe, recipe_path, settings)
+    run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path, plan)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     plan.save(run_dir / PLAN)
     return plan
 
 
-def _our_manifest(run_dir: Path) -> dict | None:
+MAX_ENTRIES_SHOWN = 5
+
+
+def check_owned(run_dir: Path, recipe_path: str | Path) -> None:
+    """Refuse a folder that is neither missing, nor empty, nor a gemma-quant run's, naming a few of its entries:
+    a run writes beside its own files only (`output_dir: /etc` must not get a plan.json)."""
+    try:  # the lock file of a run that holds the folder is gemma-quant's (pipeline/runlock.py)
+        entries = sorted(path.name for path in run_dir.iterdir() if path.name != LOCK)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise RecipeError(recipe_path, "output_dir", f"{run_dir} is a file; give a folder for the run") from None
+    except OSError as err:
+        raise RecipeError(recipe_path, "output_dir", f"{run_dir} cannot be read: {err.strerror or err}") from None
+    if not entries or _ours(run_dir):
+        return
+    shown = ", ".join(entries[:MAX_ENTRIES_SHOWN]) + (f" and {len(entries) - MAX_ENTRIES_SHOWN} more"
+                                                     if len(entries) > MAX_ENTRIES_SHOWN else "")
+    raise RecipeError(recipe_path, "output_dir", f"{run_dir} holds {shown}, and no gemma-quant run: a run writes "
+                      "only into a folder that does not exist, is empty, or holds a gemma-quant run; give another "
+                      "output_dir or --run-dir")
+
+
+def _ours(run_dir: Path) -> bool:
+    """A folder a gemma-quant run took (its mark), or one that runs from before the mark made: with a manifest
+    of ours, here or in rejected/, or a plan.json that is a plan of ours."""
+    try:
+        if json.loads((run_dir / RUN_MARK).read_text()).get("tool") == "gemma-quant":
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    if our_manifest(run_dir) is not None or our_manifest(run_dir / REJECTED) is not None:
+        return True
+    try:
+        Plan.load(run_dir / PLAN)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make the run directory (checked by check_owned) and mark it as a gemma-quant run's, before anything else."""
+    from pipeline import __version__
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARK).is_file():
+        write_json_atomically(run_dir / RUN_MARK, {"tool": "gemma-quant", "version": __version__,
+                                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def our_manifest(run_dir: Path) -> dict | None:
     """The run directory's manifest, if a gemma-quant run wrote it."""
     try:
         manifest = json.loads((run_dir / MANIFEST).read_text())
@@ -103,8 +157,10 @@ def _our_manifest(run_dir: Path) -> dict | None:
 def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = None) -> None:
     """Refuse a run directory whose export/ or offload/ no gemma-quant run made (quantize replaces the one
     and removes the other: never what it did not create), and, given the plan about to be written, one
-    whose export was made from another plan (validate and card would judge that export against this one)."""
-    manifest = _our_manifest(run_dir)
+    whose export was made from another plan (validate and card would judge that export against this one).
+    Before that, a folder that is not missing, empty or a gemma-quant run's is refused (check_owned)."""
+    check_owned(run_dir, recipe_path)
+    manifest = our_manifest(run_dir)
     if manifest is None:
         foreign = [f"{name}/" for name in (EXPORT, OFFLOAD) if (run_dir / name).exists()
                    and not (name == OFFLOAD and (run_dir / name / OFFLOAD_MARKER).is_file())]
@@ -126,24 +182,26 @@ def check_run_dir(run_dir: Path, recipe_path: str | Path, plan: Plan | None = No
 
 def quantize_run(recipe_ref: str | Path, run_dir: Path | None = None, reload_check: bool | None = None,
                  validate: bool = True, card: bool = True, memory: MemorySpec | None = None,
-                 serve: bool = True) -> Manifest:
+                 serve: bool = True, settings: tuple[Setting, ...] = ()) -> Manifest:
     """recipe → plan → load → quantize → export → reload check → manifest → validation → model card,
     all in a candidate folder, then moved into place at once. A candidate that fails validation (which
     raises ValidationFailed) gets its card too, saying so, and is kept in `rejected/`; the previous export
     stays. `memory` overrides the recipe's memory budgets (the CLI's flags); the memory plan is made in the
     plan stage, before any weight loads. `serve`: validation's serve check, where a runtime can run the export
-    here (pipeline/runtimes/)."""
+    here (pipeline/runtimes/). `settings`: given on the command line, applied to the recipe file's keys and
+    recorded in the manifest."""
     recipe_path = resolve_recipe_path(recipe_ref)
-    recipe = load_recipe(recipe_path)
-    run_dir = run_dir or recipe.run_dir
+    recipe = load_recipe(recipe_path, settings)
+    run_dir = run_dir or default_run_dir(recipe, settings)
     check_run_dir(run_dir, recipe_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     started = datetime.now(timezone.utc)
     with run_lock(run_dir), _log_to(run_dir / "logs" / f"quantize-{started:%Y%m%dT%H%M%S}.log"):
         clear_interrupted(run_dir)
         candidate = Path(tempfile.mkdtemp(prefix=CANDIDATE, dir=run_dir))
         try:
-            build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory)
+            build_candidate(recipe, recipe_path, run_dir, candidate, started, reload_check, memory,
+                            settings=settings)
             if validate:
                 _validate_candidate(candidate, card, serve)
             elif card:
@@ -190,8 +248,9 @@ class Exported:
     sizes: Sizes
 
 
-def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path) -> Planned:
-    source, config, plan = make_plan(recipe, recipe_path)
+def plan_stage(recipe: Recipe, recipe_path: Path, memory: MemorySpec | None, candidate: Path,
+               settings: tuple[Setting, ...] = ()) -> Planned:
+    source, config, plan = make_plan(recipe, recipe_path, settings)
     plan.save(candidate / PLAN)
     memory_plan = plan_memory(plan, recipe, text_config(config), *resolve_budget(recipe.memory, memory), recipe_path)
     log.info("memory plan:\n%s", memory_plan.render())
@@ -315,13 +374,13 @@ def reload_stage(export: Path, planned: Planned, recipe: Recipe, probe: torch.Te
 
 def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate: Path, started: datetime,
                     reload_check: bool | None = None, memory: MemorySpec | None = None,
-                    reference_model=None) -> Manifest:
+                    reference_model=None, settings: tuple[Setting, ...] = ()) -> Manifest:
     """Plan, load, quantize, export and reload-check into `candidate`, its manifest last. Calibration
     tokens and block checkpoints go to `run_dir`, where a rerun finds them. `reference_model`: see
-    quantize_stage."""
+    quantize_stage. `settings`: those given on the command line, which `recipe` has applied."""
     timer = Timer()
     with timer.stage("plan"):
-        planned = plan_stage(recipe, recipe_path, memory, candidate)
+        planned = plan_stage(recipe, recipe_path, memory, candidate, settings)
     offload_dir = run_dir / OFFLOAD
     with timer.stage("load"):
         loaded = load_stage(planned, recipe, offload_dir)
@@ -349,6 +408,7 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
     manifest = Manifest(
         status="exported", created=started.isoformat(timespec="seconds"), recipe_file=str(recipe_path),
         recipe_sha256=hashlib.sha256(recipe_path.read_bytes()).hexdigest(), recipe=recipe,
+        settings=[setting.text for setting in settings],
         source=SourceRecord(id=recipe.model.id, path=str(planned.source.path) if planned.source.path else None,
                             revision=recipe.model.revision),
         algorithm=recipe.algorithm, library=recipe.runs_on, calibration=calibration_set,

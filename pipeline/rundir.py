@@ -8,6 +8,7 @@ runs/<recipe>/
   runtime_reference.safetensors  transformers' log-probs on validation's windows, which the serve check compares with
   rejected/       the last run that failed validation: its export, card, eval and manifest
   logs/           one log per stage invocation
+  .gemma-quant-run.json  says a gemma-quant run owns the folder (a run writes into no other non-empty folder)
 
 Every stage reads and writes the run through this module: quantize writes the manifest, validate adds
 its verdict, card its card record, publish its commits. None of them imports the orchestrator (run.py).
@@ -43,6 +44,9 @@ REJECTED = "rejected"  # the last candidate that failed validation, kept for ins
 CANDIDATE = ".candidate-"  # prefix of the folder a run builds in
 RUN_FILES = (PLAN, MEMORY_PLAN, DIGESTS, EVAL_JSON, EVAL_MD, RUNTIME_REFERENCE)  # a run's files beside export/ and the manifest
 PROMOTING = ".promoting.json"  # a promotion under way: the candidate and the files it moves
+# Written first into a run directory a verb takes (plan, quantize, sweep): a later run knows the folder for one
+# of gemma-quant's even before a plan or manifest is in it (a first run that failed leaves neither).
+RUN_MARK = ".gemma-quant-run.json"
 
 Status = Literal["exported", "validated", "failed_validation"]
 
@@ -160,7 +164,8 @@ class Manifest(_Record):
     created: str
     recipe_file: str
     recipe_sha256: str
-    recipe: Recipe
+    recipe: Recipe  # as run: the file with `settings` applied
+    settings: list[str] = []  # given on the command line (`group_size=128`, `--model ./x`), in order
     source: SourceRecord
     algorithm: str
     library: str  # what the algorithm ran on (pipeline/algorithms.py)

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline import text_only
-from pipeline.recipe import Recipe, load_recipe, parse_recipe, resolve_recipe_path
+from pipeline.recipe import Recipe, Setting, default_run_dir, load_recipe, parse_recipe, resolve_recipe_path
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,12 @@ def gguf_rows(recipe: Recipe, recipe_path: Path, types: list[str], reference, wi
 
 def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | None = None,
               eval_samples: int | None = None, eval_seq_len: int | None = None,
-              gguf_types: list[str] | None = None) -> list[PolicyResult]:
+              gguf_types: list[str] | None = None, settings: tuple[Setting, ...] = ()) -> list[PolicyResult]:
     """Quantize the recipe's model under each policy, measure, and write the table, JSON and plot. Each
     policy is built by quantize's own stages (run.build_candidate: plan, memory plan, load, calibration,
     pass, export with its checks, reload check, manifest) in a folder of its own, removed once measured;
-    the calibration windows are built once, in `out_dir`. `gguf_types` add a row per GGUF file (gguf_rows)."""
+    the calibration windows are built once, in `out_dir`. `gguf_types` add a row per GGUF file (gguf_rows).
+    `settings`: given on the command line, applied to the recipe file's keys."""
     import time
     from datetime import datetime, timezone
 
@@ -173,17 +174,18 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
     from pipeline.plan import Plan
-    from pipeline.run import build_candidate, make_plan
+    from pipeline.run import build_candidate, check_owned, claim_run_dir, make_plan
     from pipeline.rundir import EXPORT, PLAN
     from pipeline.validate import compare_models, load_export, measure_sizes
 
     recipe_path = resolve_recipe_path(recipe_ref)
-    recipe = load_recipe(recipe_path)
-    out_dir = out_dir or recipe.run_dir / SWEEP
-    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(recipe_path, settings)
+    out_dir = out_dir or default_run_dir(recipe, settings) / SWEEP
+    check_owned(out_dir, recipe_path)
+    claim_run_dir(out_dir)
     spec = recipe.eval.model_copy(update={k: v for k, v in (("samples", eval_samples), ("seq_len", eval_seq_len))
                                           if v is not None})
-    source, config, _ = make_plan(recipe, recipe_path)
+    source, config, _ = make_plan(recipe, recipe_path, settings)
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
     texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
     windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)

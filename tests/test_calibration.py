@@ -114,3 +114,57 @@ def test_a_recipe_names_a_mixture_and_its_own_keys_win(write_recipe):
 def test_the_default_mixture_builds_offline(tokenizer):
     tokens, per_source = calibration.build(CalibrationSpec.model_validate({"samples": 4, "seq_len": 64}), tokenizer)
     assert tokens.shape == (4, 64) and per_source == {"builtin": 4}
+
+
+def test_a_fallback_mixture_is_written_by_name_and_resolved_with_the_recipes_own_keys():
+    spec = _spec(mixture="chat", fallback=["default"])
+    [default] = spec.fallback
+    assert (spec.mixture, [s.source for s in spec.sources]) == ("chat", ["hf:HuggingFaceH4/ultrachat_200k",
+                                                                         "hf:Salesforce/wikitext"])
+    assert (default.mixture, [s.source for s in default.sources], default.samples, default.seq_len) == \
+        ("default", ["builtin"], 6, 32)
+    dumped = spec.model_dump(mode="json")
+    assert dumped["fallback"] == ["default"] and CalibrationSpec.model_validate(dumped) == spec
+    assert "fallback" not in _spec().model_dump(mode="json")  # recipes without one record what they did before
+    with pytest.raises(ValueError, match="no calibration mixture 'nope'"):
+        _spec(mixture="chat", fallback=["nope"])
+    with pytest.raises(ValueError, match="a fallback mixture has no fallback of its own"):
+        _spec(mixture="chat", fallback=[{"mixture": "default", "fallback": ["chat"]}])
+
+
+def test_offline_the_chat_mixture_falls_back_to_the_builtin_one_logged(tokenizer, tmp_path, caplog):
+    """The tests run with HF_HUB_OFFLINE=1: the chat mixture's Hub datasets cannot load."""
+    tokens, info = calibration.load_or_build(_spec(mixture="chat", fallback=["default"]), tokenizer, tmp_path, "t")
+    assert tokens.shape == (6, 32) and info.mixture == "default" and info.per_source == {"builtin": 6}
+    assert list(info.fell_back_from) == ["chat"] and "Hub dataset" in info.fell_back_from["chat"]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("calibration: mixture chat could not be loaded (Hub dataset ") and \
+        warning.endswith("falling back to mixture default")
+    same, _ = calibration.load_or_build(_spec(mixture="default"), tokenizer, tmp_path / "plain", "t")
+    assert (same == tokens).all()  # the fallback is the default mixture with the recipe's own keys
+    with pytest.raises(CorpusError, match="Hub dataset"):  # without a fallback, the error as before
+        calibration.load_or_build(_spec(mixture="chat"), tokenizer, tmp_path, "t")
+
+
+def test_the_it_recipes_calibrate_on_chat_and_fall_back_to_the_builtin_corpus():
+    from pipeline.recipe import RECIPES_DIR, load_recipe
+
+    for path in RECIPES_DIR.glob("*.yaml"):
+        recipe = load_recipe(path)
+        if recipe.model.id.startswith("google/") and recipe.calibration.mixture == "chat":
+            assert [f.mixture for f in recipe.calibration.fallback] == ["default"], path.name
+    assert load_recipe("e2b-w4a16").calibration.mixture == "chat"
+
+
+def test_a_run_that_fell_back_says_which_mixture_ran_in_its_manifest_and_card(tmp_path):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    assert main(["quantize", "tiny-e2b-w4a16-gptq", "calibration.mixture=chat", "calibration.fallback=[default]",
+                 "eval.samples=2", "eval.seq_len=64", "--run-dir", str(run)]) == 0
+    recorded = json.loads((run / "manifest.json").read_text())
+    assert recorded["calibration"]["mixture"] == "default" and list(recorded["calibration"]["fell_back_from"]) == ["chat"]
+    assert recorded["recipe"]["calibration"]["mixture"] == "chat"  # the recipe as written; the data as it ran
+    card = " ".join((run / "export" / "README.md").read_text().split())
+    assert "8 × 128 tokens from builtin (8) (mixture `default`, its fallback: `chat` could not be loaded: Hub dataset" \
+        in card

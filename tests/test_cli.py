@@ -59,3 +59,29 @@ def test_a_manifest_this_tool_did_not_write_is_refused_naming_the_file_and_the_f
     assert main(["card", str(validated_copy)]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "manifest.json is not a manifest this gemma-quant wrote" in out and "sizes.export_bytes" in out
+
+
+def test_plan_with_the_hub_unreachable_goes_offline_at_once_with_one_warning(tmp_path):
+    """No network and HF_HUB_OFFLINE unset: one refused request, then offline for the rest of the run (not
+    huggingface_hub's five retries with backoff per file, 52 s before), and one warning saying so."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pipeline
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "e2b-w4a16", "--run-dir", str(tmp_path / "run")],
+                          cwd=Path(pipeline.__file__).parent.parent, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 0, out[-2000:]
+    assert "linear layers: 526 (205 quantized, 321 kept)" in out
+    assert out.count("WARNING") == 1 and "Retrying" not in out
+    assert ("google/gemma-4-E2B-it: the Hub (http://127.0.0.1:9) is unreachable (ConnectError: " in out
+            and "offline for the rest of this run" in out and "planning from the bundled copy of its config" in out)
+    assert seconds < 30  # the interpreter and torch's import take most of it

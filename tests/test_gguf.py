@@ -11,6 +11,7 @@ import torch
 
 from conftest import needs_llama_cpp, quantize_cli
 from pipeline.gguf_export import block_bytes
+from pipeline.rundir import RUN_MARK
 
 
 def test_blocks_are_ggml_s_q4_0_and_q8_0_layout():
@@ -282,7 +283,7 @@ def test_sweep_puts_gguf_files_beside_the_policies(write_recipe, tmp_path, capsy
     assert results["gguf RTN-Q4_0"]["mix"] == {"Q4_0": 60, "BF16": 23}  # decoder Linears; PLE Linears and tables kept
     assert results["gguf RTN-Q4_0"]["weights_bytes"] < results["gguf Q8_0"]["weights_bytes"]
     assert "| `gguf Q8_0` | Q8_0 × 60, BF16 × 23 |" in (out_dir / "sweep.md").read_text()
-    assert not list(out_dir.glob(".*")) and "gguf RTN-Q4_0" in capsys.readouterr().out
+    assert [p.name for p in out_dir.glob(".*")] == [RUN_MARK] and "gguf RTN-Q4_0" in capsys.readouterr().out
 
 
 @pytest.mark.slow

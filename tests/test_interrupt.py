@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.run import quantize_run
+from pipeline.rundir import RUN_MARK
 from pipeline.runlock import LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def _state(run_dir: Path) -> dict[str, str]:
 
 
 def _left_behind(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK)
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name not in (LOCK, RUN_MARK))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pipeline.export import ExportIncomplete, ignore_problems
 from pipeline.model import ModelSpec, resolve
 from pipeline.plan import Plan
 from pipeline.run import MEMORY_PLAN, ReloadFailed, quantize_run
+from pipeline.rundir import RUN_MARK
 from pipeline.runlock import LOCK
 
 from conftest import VARIANTS, read_tensors
@@ -149,8 +150,10 @@ def test_failed_run_leaves_previous_export_intact(tmp_path, monkeypatch, failure
         quantize_run(recipe)
     assert _digest(export) == before
     assert manifest.read_text() == manifest_before
-    # no staging left; the run-dir lock file stays (pipeline/runlock.py: an flock, removing it would race)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != LOCK) == []
+    # no staging left; the run-dir lock file stays (pipeline/runlock.py: an flock, removing it would race), and
+    # the mark of a gemma-quant run
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()
+                  if p.name.startswith(".") and p.name not in (LOCK, RUN_MARK)) == []
     log = sorted((tmp_path / "run" / "logs").glob("quantize-*.log"))[-1].read_text()
     if isinstance(failure, KeyboardInterrupt):  # one line, no traceback
         assert "interrupted; the previous export, card and manifest are left as they were" in log

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.recipe import RecipeError, parse_recipe
+from pipeline.rundir import RUN_MARK
 from pipeline.sweep import resolve_policies
 
 
@@ -21,7 +22,8 @@ def test_sweep_writes_one_row_per_policy_with_sizes_ordered_by_bits(write_recipe
     assert [row.split("`")[1] for row in rows] == order
     png = (out_dir / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
-    assert not list(out_dir.glob(".*"))  # the policies' exports are removed once measured
+    # the policies' exports are removed once measured; the mark of a gemma-quant run stays
+    assert [p.name for p in out_dir.glob(".*")] == [RUN_MARK]
     size = {name: r["weights_bytes"] for name, r in results.items()}
     error = {name: r["weight_error"] for name, r in results.items()}
     assert size["uniform-8"] > size["uniform-4"] > size["sliding3-full4"] > size["uniform-3"]
