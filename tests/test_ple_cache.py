@@ -260,3 +260,18 @@ def test_the_quantize_run_records_the_hot_set_and_the_card_s_lines_run_it(tmp_pa
     assert cache.stats().hits > 0
     with pytest.raises(PLECacheError, match="no recorded hot set"):
         recorded_hot_ids(_source("e2b"), 5)
+
+
+def test_multimodal_placeholder_ids_read_the_pad_row_as_the_whole_table_does(reference):
+    """The multimodal model looks placeholder ids (image, audio) up as the pad id: through the cache too."""
+    from pipeline.tiny import SPECIAL_TOKENS
+
+    variant, full = reference
+    model = _model(variant)
+    cache = PLECache.attach(model, _source(variant), hot_rows=HOT, policy="lru")
+    batch = _batch()
+    placeholders = [SPECIAL_TOKENS.index("<|image|>"), SPECIAL_TOKENS.index("<|audio|>")]
+    batch["input_ids"][:, 10:14] = torch.tensor(placeholders * 2)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, full(**batch).logits)
+    assert cache.stats().lookups == 2 * 24
