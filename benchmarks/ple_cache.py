@@ -151,8 +151,8 @@ def child(spec: dict) -> dict:
         lookup = PLECache.attach(model, folder, hot_rows=spec["hot_rows"], policy="static", hot_ids=hot)
     out = {"ready_s": time.perf_counter() - start}
     # the same lookups again and again: the first pass reads the file (cold), the next ones not (warm: the best
-    # of 3, the machine being shared)
-    for page_cache in ("cold", "warm", "warm", "warm"):
+    # of 5, the machine being shared)
+    for page_cache in ("cold", *["warm"] * 5):
         for name, calls in (("single", single), ("batch", batched)):
             start = time.perf_counter()
             for call in calls:
@@ -286,7 +286,7 @@ def tiny_decode(prompt: int = 32, decode: int = 64, repeats: int = 3) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def machine() -> str:
+def machine(load: tuple[float, float]) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
@@ -294,21 +294,23 @@ def machine() -> str:
     import transformers
 
     return (f"{os.cpu_count()} × {cpu} ({isa}), {ram:.0f} GiB RAM, Linux {platform.release()}; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, one torch thread")
+            f"transformers {transformers.__version__}, one torch thread; load average {load[0]:.1f} at the start, "
+            f"{load[1]:.1f} at the end (the machine is shared: timings are indicative)")
 
 
-def markdown(configs: list[dict], hits: list[dict], sources: dict, tiny: dict, args, write_s: float | None) -> str:
+def markdown(configs: list[dict], hits: list[dict], sources: dict, tiny: dict, args, write_s: float | None,
+             load: tuple[float, float]) -> str:
     today = datetime.date.today().isoformat()
     mem = next(c for c in configs if c["mode"] == "memory")
     written = f"written in {write_s:.0f} s" if write_s else "reused from --workdir"
     lines = [f"## PLE row cache: a full-size E2B-shaped table (262,144 × 8,960 BF16, {ROWS * WIDTH * 2 / 1e9:.2f} GB), "
              f"CPU, {today}", "",
-             f"`{' '.join(['benchmarks/ple_cache.py', *sys.argv[1:]])}` on {machine()}. Random BF16 table written as "
+             f"`{' '.join(['benchmarks/ple_cache.py', *sys.argv[1:]])}` on {machine(load)}. Random BF16 table written as "
              f"one safetensors file ({written}); the cache attached to a stand-in model holding only the table "
              "(transformers' `Gemma4TextScaledWordEmbedding`). Each configuration in its own process, the file's "
              "pages evicted first (`posix_fadvise(POSIX_FADV_DONTNEED)`); the workload: "
              f"{SINGLE:,} one-id lookups, then {BATCHES} batches of {BATCH} ids, of held-out tokens of the four texts "
-             "below (interleaved), run once on a cold page cache, then 3 times warm (the best of 3). Static hot rows: the most frequent ids of "
+             "below (interleaved), run once on a cold page cache, then 5 times warm (the best of 5). Static hot rows: the most frequent ids of "
              "the texts' first halves together. RSS after the warm pass, less the process before the table "
              f"(RssAnon {mem['base']['anon'] / MiB:.0f} MiB, RssFile {mem['base']['file'] / MiB:.0f} MiB: Python, "
              "torch, the workload). Ratios: time over the in-memory table's, same pass.", "",
@@ -366,6 +368,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     torch.set_num_threads(1)
+    load = os.getloadavg()[0]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ple-"))
     try:
         start = time.perf_counter()
@@ -397,7 +400,7 @@ def main() -> None:
             configs.append({**spec, **run_child(spec)})
             print(json.dumps(configs[-1]), flush=True)
         tiny = tiny_decode()
-        report = markdown(configs, hits, sources, tiny, args, write_s)
+        report = markdown(configs, hits, sources, tiny, args, write_s, (load, os.getloadavg()[0]))
         print(report)
         if args.out:
             text = args.out.read_text() if args.out.is_file() else "# Benchmarks\n"
