@@ -39,7 +39,8 @@ def _python(cell) -> str:
 
 
 def test_the_issue_notebooks_are_there():
-    assert {"01_inspect_model.ipynb", "02_compare_schemes.ipynb", "03_kv_cache.ipynb"} <= {p.name for p in COMMITTED}
+    assert {"01_inspect_model.ipynb", "02_compare_schemes.ipynb", "03_kv_cache.ipynb",
+            "04_ple_cache.ipynb"} <= {p.name for p in COMMITTED}
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
@@ -248,3 +249,26 @@ def test_kv_cache_notebook_generates_on_gemma3_270m_and_tabulates_memory_and_qua
     # ~0.043-0.051 measured, by CPU (bf16 kernels differ); without a rotation ~0.2
     assert float(by[(4, "hadamard")]["kl_mean"]) < 0.08 and float(by[(4, "hadamard")]["top1"]) >= 0.8
     assert float(by[(4, "hadamard")]["kl_mean"]) < 0.5 * float(by[(4, "none")]["kl_mean"])
+
+
+@pytest.mark.parametrize("text", [None, "Guten Tag! Der Cache liest die seltenen Zeilen aus der Datei."],
+                         ids=["04-default-text", "04-typed-text"])
+def test_ple_cache_notebook_shows_memory_hit_rates_and_bit_identical_output(text, run_notebook):
+    import csv
+    import re
+
+    nb, scratch = run_notebook("04_ple_cache.ipynb", **({"text": text} if text else {}))
+    shown = _text(nb)
+    assert "logits bit-identical to the whole table: True; greedy tokens identical: True" in shown
+    tokens = int(re.search(r"your text is (\d+) tokens", shown).group(1))
+    assert "whole, float32" in shown and "PLECache, 64 hot rows" in shown and "RssAnon MiB" in shown
+    with (scratch.parent / "work" / "ple_cache_hits.csv").open() as f:  # the kernel's working directory
+        rows = {r["policy"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"static", "lru"}
+    for row in rows.values():
+        assert row["same tokens as the whole table"] == "True"
+        # generate: the prompt's tokens, then one per new token after the first (fewer if it stops at EOS)
+        assert tokens <= int(row["tokens looked up"]) <= tokens + 7
+        assert 0 <= int(row["hits"]) < int(row["tokens looked up"]) and int(row["hot rows"]) == 64
+        assert int(row["hot rows' bytes"]) * 1024 == 64 * int(row["table bytes"])
+    assert int(rows["static"]["hits"]) > 0  # the calibration text's frequent ids are in any text

@@ -275,3 +275,16 @@ def test_multimodal_placeholder_ids_read_the_pad_row_as_the_whole_table_does(ref
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, full(**batch).logits)
     assert cache.stats().lookups == 2 * 24
+
+
+def test_the_readme_s_one_command_runs_the_tiny_e2b_with_the_cache_and_prints_memory_and_hit_rate():
+    import re
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.generate.ple_cache", "--hot-rows", "64",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert re.search(r"PLE table: [\d.]+ MiB in the file; hot rows: 64 \(0\.08 MiB, policy lru\)", out), out
+    assert re.search(r"resident after loading, above the interpreter: anonymous [\d.,]+ MiB, file-backed", out), out
+    lookups, hits = map(int, re.search(r"lookups: (\d+), hits: (\d+) \(hit rate", out).groups())
+    assert 0 <= hits < lookups

@@ -285,3 +285,49 @@ def _find_table(model: nn.Module) -> tuple[str, nn.Embedding]:
     if isinstance(module, PLECache):
         raise PLECacheError(f"{name} is already a PLECache")
     return name, module
+
+
+def _resident() -> dict[str, int]:
+    """This process's anonymous and file-backed resident memory (Linux), bytes."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssFile")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.generate.ple_cache [MODEL] [--text TEXT]`: an E-model (default the tiny E2B) loaded with
+    the cache, one greedy generation, and what it held and hit."""
+    import argparse
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from pipeline.model import resolve
+    from pipeline.recipe import ModelSpec
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.generate.ple_cache", description=main.__doc__)
+    parser.add_argument("model", nargs="?", default="tiny:e2b", help="a folder, Hub id or tiny:e2b|e4b")
+    parser.add_argument("--text", default="The Python language reference describes the syntax and core semantics.")
+    parser.add_argument("--hot-rows", type=int, default=5000)
+    parser.add_argument("--policy", choices=POLICIES, default="lru")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    source = resolve(ModelSpec(id=args.model))
+    folder = source.path or Path(__import__("huggingface_hub").snapshot_download(args.model))
+    before = _resident()
+    model, cache = PLECache.load(AutoModelForImageTextToText, folder, hot_rows=args.hot_rows, policy=args.policy)
+    loaded = _resident()
+    inputs = AutoTokenizer.from_pretrained(folder)(args.text, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    stats = cache.stats()
+    print(f"model: {args.model} ({folder})")
+    print(f"PLE table: {stats.table_bytes / 2**20:,.1f} MiB in the file; hot rows: {stats.hot_rows:,} "
+          f"({stats.resident_bytes / 2**20:,.2f} MiB, policy {args.policy})")
+    print(f"resident after loading, above the interpreter: anonymous {(loaded['RssAnon'] - before['RssAnon']) / 2**20:,.1f} "
+          f"MiB, file-backed {(loaded['RssFile'] - before['RssFile']) / 2**20:,.1f} MiB")
+    print(f"lookups: {stats.lookups:,}, hits: {stats.hits:,} (hit rate {stats.hit_rate:.1%})")
+    print(f"generated: {AutoTokenizer.from_pretrained(folder).decode(output[0, inputs['input_ids'].shape[1]:])!r}")
+
+
+if __name__ == "__main__":
+    main()
