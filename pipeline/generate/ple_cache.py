@@ -133,8 +133,12 @@ class PLECache(nn.Module):
         """`model_class.from_pretrained(checkpoint)` with the PLE table served by the cache and never held whole:
         loaded in BF16 on the CPU, where transformers maps the checkpoint and leaves the table file-backed, the
         cache attached, then the model moved to `device` and `dtype` without its table. (Loaded straight to an
-        accelerator, or in float32, transformers would hold the whole table there first.)"""
-        model = model_class.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cpu", **from_pretrained)
+        accelerator, or in float32, transformers would hold the whole table there first.) An export's packed
+        tables load as its reload loads them (pipeline/tables.py, loading_packed_tables)."""
+        from pipeline.tables import loading_packed_tables
+
+        with loading_packed_tables():
+            model = model_class.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map="cpu", **from_pretrained)
         cache = cls.attach(model, checkpoint, hot_rows, policy, hot_ids)
         model.to(device=device, dtype=dtype)
         return model, cache
