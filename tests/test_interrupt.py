@@ -19,7 +19,10 @@ from pipeline.rundir import RUN_MARK
 from pipeline.runlock import LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
-QUANTIZE = "import sys; from pipeline.cli import main; sys.exit(main(['quantize', sys.argv[1]]))"
+# Ctrl-C as a terminal delivers it: Python's KeyboardInterrupt handler, even where this test runs as a background
+# job of a shell without job control (which starts its children with SIGINT ignored, and Python keeps it so).
+QUANTIZE = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from pipeline.cli import main; sys.exit(main(['quantize', sys.argv[1]]))")
 
 
 def _recipe(tmp_path: Path, **extra) -> Path:
