@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     the cache, one greedy generation, and what it held and hit."""
     import argparse
 
+    from huggingface_hub import snapshot_download
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from pipeline.model import resolve
@@ -316,11 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     source = resolve(ModelSpec(id=args.model))
-    folder = source.path or Path(__import__("huggingface_hub").snapshot_download(args.model))
+    folder = source.path or Path(snapshot_download(args.model))
     before = _resident()
     model, cache = PLECache.load(AutoModelForImageTextToText, folder, hot_rows=args.hot_rows, policy=args.policy)
     loaded = _resident()
-    inputs = AutoTokenizer.from_pretrained(folder)(args.text, return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer(args.text, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     stats = cache.stats()
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"resident after loading, above the interpreter: anonymous {(loaded['RssAnon'] - before['RssAnon']) / 2**20:,.1f} "
           f"MiB, file-backed {(loaded['RssFile'] - before['RssFile']) / 2**20:,.1f} MiB")
     print(f"lookups: {stats.lookups:,}, hits: {stats.hits:,} (hit rate {stats.hit_rate:.1%})")
-    print(f"generated: {AutoTokenizer.from_pretrained(folder).decode(output[0, inputs['input_ids'].shape[1]:])!r}")
+    print(f"generated: {tokenizer.decode(output[0, inputs['input_ids'].shape[1]:])!r}")
 
 
 if __name__ == "__main__":
