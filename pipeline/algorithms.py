@@ -68,6 +68,9 @@ class Algorithm:
     options: type[_Options] | None = None
     # What the solver holds per quantized module beyond weights and activations: (shape, bf16 bytes) -> bytes.
     solver_bytes: Callable[[list[int], int], int] | None = None
+    # The solver fits the unquantized block's outputs: the block driver runs the unquantized chain on
+    # every batch (otherwise only on those the block error record is measured on).
+    fits_block_outputs: bool = False
 
     @property
     def libraries(self) -> tuple[str, ...]:
@@ -75,6 +78,10 @@ class Algorithm:
 
 
 BLOCK_DRIVER = "pipeline.quantize.blockwise_backend:BlockwiseBackend"
+# The block driver's error record (the manifest's; never an input to the algorithms) is measured on the
+# first batches only where the algorithm fits no block outputs: the unquantized chain and the RTN baseline
+# then cost 2 x 4 / samples of a chain pass instead of two whole passes (profile: benchmarks/RESULTS.md).
+BLOCK_ERROR_BATCHES = 4
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("rtn", "RTN (round-to-nearest)", calibrated=False, data_note="none (RTN is data-free)", passes={
@@ -85,7 +92,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     # rounding offset per weight with its gradient (+4x).
     Algorithm("autoround", "AutoRound", calibrated=True, options_key="autoround", options=AutoRoundOptions,
               passes={"auto-round": Pass(BLOCK_DRIVER, spreads_over_gpus=True)},
-              solver_bytes=lambda shape, bf16_bytes: 5 * bf16_bytes),
+              solver_bytes=lambda shape, bf16_bytes: 5 * bf16_bytes, fits_block_outputs=True),
     # GPTQ holds one float32 Hessian [in, in] per quantized module (for MoE, one per expert).
     Algorithm("gptq", "GPTQ", calibrated=True, options_key="gptq", options=GPTQOptions,
               passes={"llmcompressor": Pass(BLOCK_DRIVER, spreads_over_gpus=True)},

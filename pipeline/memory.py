@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES
 from pipeline.compute import ComputeDtype, host_compute_dtype
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
@@ -146,13 +147,15 @@ def activation_bytes(recipe: Recipe, text_config) -> int:
     if recipe.calibrated:
         seq = recipe.calibration.seq_len
         per_sample = seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
-        need = max(need, 3 * per_sample)  # AutoRound/GPTQ keep the block's inputs, outputs and gradients
+        # AutoRound/GPTQ keep the block's inputs, outputs and gradients; AutoRound of its picked batches at once
+        joined = min(recipe.autoround.batch_size, recipe.calibration.samples) if recipe.algorithm == "autoround" else 1
+        need = max(need, 3 * per_sample * joined)
     return need
 
 
 def calibration_state_bytes(recipe: Recipe, text_config) -> int:
-    """The block driver's host-side state: both chains' hidden states and the recorded layer inputs
-    (PLE slices, rotary tables, masks) for every calibration sample."""
+    """The block driver's host-side state: both chains' hidden states (the unquantized one on every
+    sample only for AutoRound) and the recorded layer inputs (PLE slices, rotary tables, masks)."""
     if not recipe.calibrated:
         return 0
     samples, seq = recipe.calibration.samples, recipe.calibration.seq_len
@@ -160,22 +163,28 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
     layers = fields["num_hidden_layers"]
     ple = fields.get("hidden_size_per_layer_input") or 0
     head = max(fields.get("head_dim") or 0, fields.get("global_head_dim") or 0)
-    chains = 2 * samples * seq * fields["hidden_size"] * 2
+    reference = samples if ALGORITHMS[recipe.algorithm].fits_block_outputs else min(samples, BLOCK_ERROR_BATCHES)
+    chains = (samples + reference) * seq * fields["hidden_size"] * 2
     # each layer's own PLE slice; the rotary tables and masks are one tensor per layer type, shared
     recorded = samples * (layers * seq * ple * 2 + 2 * (seq * head * 2 * 4 + seq * seq))
     return chains + recorded
 
 
-# auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times a module's
-# BF16 bytes at once (measured 12.3-13.4x on 2k-8k x 2k-8k weights at g32-g128; tests/test_memory.py).
+# auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times the BF16
+# bytes of the weights it is given at once (measured 12.3-13.4x on 2k-8k x 2k-8k weights at g32-g128;
+# tests/test_memory.py). The block driver gives it row chunks of at most this many weights, which give the
+# same scales: on a CPU, chunks that stay in cache (3.7 MB held instead of 14x the module, and 0.55 s of CPU
+# instead of 0.64 s on a 2048 x 640 weight, one thread); on a GPU, chunks that bound the transient.
 SCALE_SEARCH_FACTOR = 14
+SEARCH_CHUNK_ELEMENTS = {"cpu": 1 << 17, "gpu": 1 << 24}
 
 
-def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
+def solver_state_bytes(plan: Plan, recipe: Recipe, on_gpu: bool = False) -> int:
     """What the calibrated algorithm holds while it solves one block, beyond the block's weights and
     activations, for the heaviest block (each algorithm's `solver_bytes`, pipeline/algorithms.py; for
     MoE GPTQ one Hessian per expert: every expert sees every token, 128 x ~65 MB on 26B-A4B), and the
-    scale search's transient for its largest module where the pass searches its scales."""
+    scale search's transient for its largest module (in chunks, `on_gpu` or not) where the pass searches
+    its scales."""
     solver_bytes = recipe.algorithm_spec.solver_bytes
     if solver_bytes is None:
         return 0
@@ -185,7 +194,8 @@ def solver_state_bytes(plan: Plan, recipe: Recipe) -> int:
         if m.layer is not None:
             per_layer[m.layer] += solver_bytes(m.shape, m.bf16_bytes)
             if recipe.searches_scales:
-                searched[m.layer] = max(searched[m.layer], SCALE_SEARCH_FACTOR * m.bf16_bytes)
+                chunk = min(m.bf16_bytes, 2 * SEARCH_CHUNK_ELEMENTS["gpu" if on_gpu else "cpu"])
+                searched[m.layer] = max(searched[m.layer], SCALE_SEARCH_FACTOR * chunk)
     return max((held + searched[layer] for layer, held in per_layer.items()), default=0)
 
 
@@ -201,8 +211,8 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
     non_layer = plan.bf16_bytes - sum(layers.values())
     act = activation_bytes(recipe, text_config)
     state = calibration_state_bytes(recipe, text_config)
-    solver = solver_state_bytes(plan, recipe)
     on_gpu = bool(gpu_budgets)
+    solver = solver_state_bytes(plan, recipe, on_gpu)
     one_layer = layers[largest] + largest_export
     working = act + solver  # where the blocks are solved: the GPU when there is one, else the host
     tables = table_stage_bytes(plan)  # after the pass, on the host: at most its working set or this

@@ -23,7 +23,7 @@ from pipeline.run import quantize_run
 
 def _setup(variant: str, algorithm: str, **options):
     recipe = parse_recipe({"name": "t", "model": f"tiny:{variant}", "scheme": "W4A16", "algorithm": algorithm,
-                           "calibration": {"samples": 3, "seq_len": 48}, **options})
+                           "calibration": {"samples": 3, "seq_len": 48}} | options)
     source = resolve(recipe.model)
     config = load_config(source)
     plan = build_plan(build_meta_model(config), config, recipe)
@@ -102,6 +102,28 @@ def test_calibrated_blocks_beat_rtn(algorithm, options, tmp_path):
     assert len(errors) == 6 and all(e.mse is not None for e in errors)
     assert sum(e.mse for e in errors) < sum(e.rtn_mse for e in errors)
     assert all(e.mse <= e.rtn_mse * 1.05 for e in errors), errors
+
+
+@pytest.mark.parametrize("algorithm, measured_on", [("gptq", blockwise.BLOCK_ERROR_BATCHES), ("autoround", 6)])
+def test_the_block_error_record_is_the_unquantized_chain_s_on_the_batches_it_runs(algorithm, measured_on, tmp_path,
+                                                                                   monkeypatch):
+    """GPTQ fits no block outputs: the unquantized chain runs only on the batches the error record is measured
+    on, and the record is the quantized chain's error against it there. AutoRound's targets need every batch."""
+    recipe, plan, model, tokens = _setup("31b", algorithm, calibration={"samples": 6, "seq_len": 48},
+                                         autoround={"iters": 2, "batch_size": 2})
+    chains, original_error = {}, blockwise.chain_error
+
+    def recording_error(cal):
+        chains[len(chains)] = (len(cal.fp_hidden), sum(torch.nn.functional.mse_loss(q.float(), fp.float()).item()
+                                                       for q, fp in zip(cal.q_hidden, cal.fp_hidden)))
+        return original_error(cal)
+
+    monkeypatch.setattr(blockwise, "chain_error", recording_error)
+    result = blockwise.quantize_blockwise(model, plan, recipe, tokens, tmp_path, "sha")
+    assert result.error_batches == measured_on and len(tokens) == 6
+    assert [batches for batches, _ in chains.values()] == [measured_on] * 6
+    assert [e.mse for e in result.block_errors] == pytest.approx([total / measured_on for _, total in chains.values()])
+    assert all(e.mse > 0 and e.rtn_mse > 0 for e in result.block_errors)
 
 
 def test_interrupted_run_resumes_at_the_first_unfinished_block(tmp_path, monkeypatch):

@@ -177,12 +177,12 @@ SEARCH_PEAK = textwrap.dedent("""
     from pipeline.quantize.blockwise import searched_qparams
     def peak_rss():  # VmHWM, as PEAK_RSS below reads it
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    rows, cols, group = map(int, sys.argv[1:])
+    rows, cols, group, chunk = map(int, sys.argv[1:])
     scheme = WeightScheme(bits=4, group_size=group, symmetric=True)
     searched_qparams(torch.randn(256, 256).bfloat16(), scheme, torch.rand(256))  # imports, allocator
     weight, importance = torch.randn(rows, cols).bfloat16(), torch.rand(cols)
     before = peak_rss()
-    searched_qparams(weight, scheme, importance)
+    searched_qparams(weight, scheme, importance, chunk or None)
     print((peak_rss() - before) / (weight.numel() * 2))
 """)
 
@@ -190,15 +190,22 @@ SEARCH_PEAK = textwrap.dedent("""
 @pytest.mark.parametrize("rows, cols, group", [(8192, 2048, 32), (2048, 8192, 128)])
 def test_the_scale_search_holds_no_more_than_the_memory_plan_counts(write_recipe, rows, cols, group):
     """auto-round's optimized-RTN search, which opt-rtn and GPTQ's imatrix grid run module by module, measured
-    in a process of its own against the factor the memory plan counts for a block's largest module."""
-    from pipeline.memory import SCALE_SEARCH_FACTOR
+    in a process of its own against the factor the memory plan counts: on a GPU's chunk (here the whole
+    2^24-weight module), and in the CPU's chunks, which hold less than the module's own bytes."""
+    from pipeline.memory import SCALE_SEARCH_FACTOR, SEARCH_CHUNK_ELEMENTS
 
-    done = subprocess.run([sys.executable, "-c", SEARCH_PEAK, str(rows), str(cols), str(group)],
-                          capture_output=True, text=True, check=True)
-    assert 0.7 * SCALE_SEARCH_FACTOR < float(done.stdout) <= SCALE_SEARCH_FACTOR, done.stdout
-    plan, memory = _memory_plan(write_recipe(model="tiny:e2b", scheme="W4A16", algorithm="opt-rtn"))
+    def held(chunk: int) -> float:
+        done = subprocess.run([sys.executable, "-c", SEARCH_PEAK, str(rows), str(cols), str(group), str(chunk)],
+                              capture_output=True, text=True, check=True)
+        return float(done.stdout)
+
+    assert rows * cols == SEARCH_CHUNK_ELEMENTS["gpu"]
+    assert 0.7 * SCALE_SEARCH_FACTOR < held(rows * cols) <= SCALE_SEARCH_FACTOR
+    assert held(0) < 1
+    path = write_recipe(model="tiny:e2b", scheme="W4A16", algorithm="opt-rtn")
+    plan, memory = _memory_plan(path)
     largest = max(m.bf16_bytes for m in plan.quantized if m.layer is not None)
-    assert memory.solver_state_bytes > SCALE_SEARCH_FACTOR * largest
+    assert memory.solver_state_bytes > SCALE_SEARCH_FACTOR * min(largest, 2 * SEARCH_CHUNK_ELEMENTS["cpu"])
 
 
 PEAK_RSS = textwrap.dedent("""

@@ -10,9 +10,10 @@ store (`KeyError: 'sliding_attention'`). Here:
 1. one plain forward per calibration batch records, for every decoder layer, the arguments the
    model itself passes it: its own PLE slice, its layer type's rotary embedding and mask;
 2. blocks then run one at a time on two chains, as auto-round and GPTQ propagate error: the
-   unquantized chain gives each block's target outputs, the quantized chain its inputs; each
-   chain keeps one shared-KV store per batch, so a KV-shared layer reads the K/V its own batch
-   wrote, through the already-quantized layers;
+   quantized chain gives each block its inputs, the unquantized chain the target outputs AutoRound
+   fits (for GPTQ and optimized RTN it runs only on the few batches the block error record is
+   measured on); each chain keeps one shared-KV store per batch, so a KV-shared layer reads the K/V
+   its own batch wrote, through the already-quantized layers;
 3. MoE experts (26B-A4B), unfused into per-expert Linears, see every calibration token while the
    block's output stays the routed one (pipeline/quantize/moe_calibration.py).
 
@@ -35,8 +36,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES
 from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
+from pipeline.memory import SEARCH_CHUNK_ELEMENTS
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.quantize.grids import QuantizedWeight, from_autoround, weight_args
@@ -65,7 +68,9 @@ class Calibration:
     """The recorded inputs of every layer for every batch, and the two chains' running state."""
 
     inputs: list[list[LayerInputs]]  # [layer][batch]
-    fp_hidden: list[torch.Tensor]  # [batch]: the unquantized chain's input to the current block
+    # [batch]: the unquantized chain's input to the current block; on the first BLOCK_ERROR_BATCHES
+    # batches only where the algorithm fits no targets
+    fp_hidden: list[torch.Tensor]
     q_hidden: list[torch.Tensor]  # [batch]: the quantized chain's input to the current block
     fp_kv: list[UserDict] = field(default_factory=list)  # [batch]: shared-KV store of each chain
     q_kv: list[UserDict] = field(default_factory=list)
@@ -91,13 +96,21 @@ class _StopForward(Exception):
     pass
 
 
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
 @torch.no_grad()
 def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
-                  state_device: torch.device | None = None, compute: torch.dtype | None = None) -> Calibration:
+                  state_device: torch.device | None = None, compute: torch.dtype | None = None,
+                  reference_batches: int | None = None) -> Calibration:
     """One plain forward per batch; each layer's pre-hook records what the model hands it (moved to
     `state_device` when given: the host, when layers are onloaded to a GPU one at a time).
-    The forward stops at the last layer: nothing after it is needed. With `compute`, the forward and
-    so everything recorded are in that dtype."""
+    The layers pass their input through meanwhile: what the model hands a layer besides the hidden
+    states (PLE slice, rotary tables, masks) does not depend on the layers before it, and the chains
+    compute the hidden states. The forward stops at the last layer: nothing after it is needed. With
+    `compute`, the forward and so everything recorded are in that dtype. The unquantized chain starts on
+    the first `reference_batches` (all when None), the quantized chain on every batch."""
     inputs: list[list[LayerInputs]] = [[] for _ in layers]
     first_hidden: list[torch.Tensor] = []
     last = len(layers) - 1
@@ -116,6 +129,8 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
         return record
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = _passthrough
     device = next(model.parameters()).device
     try:
         with computing_in(model, compute) if compute is not None else nullcontext():
@@ -127,8 +142,12 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
-    return Calibration(inputs=inputs, fp_hidden=list(first_hidden), q_hidden=[h.clone() for h in first_hidden],
-                       fp_kv=[UserDict() for _ in batches], q_kv=[UserDict() for _ in batches], compute=compute)
+        for layer in layers:
+            del layer.forward  # the class's forward again
+    reference = first_hidden[:reference_batches]
+    # The chains rebind their entries as they advance, never write into them: both start on the same tensors.
+    return Calibration(inputs=inputs, fp_hidden=list(reference), q_hidden=first_hidden,
+                       fp_kv=[UserDict() for _ in reference], q_kv=[UserDict() for _ in batches], compute=compute)
 
 
 def _cast(value, dtype: torch.dtype):
@@ -153,6 +172,22 @@ def _to(value, device: torch.device):
     if isinstance(value, (dict, UserDict)):
         return type(value)({k: _to(v, device) for k, v in value.items()})
     return value
+
+
+def _joined(values: list):
+    """Batches' recorded values (tensors, tuples, dicts, stores, LayerInputs) joined into one batch:
+    tensors with a batch dimension of one are concatenated along it, anything else is the same for
+    every batch and taken from the first."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values) if first.dim() and first.shape[0] == 1 else first
+    if isinstance(first, LayerInputs):
+        return LayerInputs(_joined([v.args for v in values]), _joined([v.kwargs for v in values]), first.shares_kv)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_joined(list(column)) for column in zip(*values))
+    if isinstance(first, (dict, UserDict)):
+        return type(first)({k: _joined([v[k] for v in values]) for k in first})
+    return first
 
 
 def move_layer_state(cal: Calibration, index: int, device: torch.device) -> None:
@@ -218,23 +253,27 @@ def rtn_qparams(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tenso
     return calculate_qparams(groups.amin(-1), groups.amax(-1), weight_args(scheme))
 
 
-def searched_qparams(weight: torch.Tensor, scheme: WeightScheme,
-                     importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def searched_qparams(weight: torch.Tensor, scheme: WeightScheme, importance: torch.Tensor,
+                     chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """auto-round's optimized-RTN scale per group or channel (llama.cpp's `make_qx_quants` search over
     scales around max|w| / 2^(b-1)), minimising the reconstruction error weighted per input channel by
     `importance`, the calibration activations' mean square (llama.cpp's imatrix). Symmetric only; the
     scale is signed, so a group's largest-magnitude weight lands on the -2^(b-1) end, as in auto-round
     and llama.cpp. Returned rounded to the weight's dtype, the scale compressed-tensors will store, with
-    compressed-tensors' zero point."""
+    compressed-tensors' zero point. `chunk_elements`: the most weights searched at once (default: the
+    memory plan's for the weight's device)."""
     from auto_round.data_type.int import quant_tensor_opt_rtn_sym
 
     if not scheme.symmetric:
         raise ValueError("the importance-weighted scale search is symmetric only (auto-round's "
                          "quant_tensor_opt_rtn_sym)")
-    rows = weight.shape[0]
-    _, scale, _ = quant_tensor_opt_rtn_sym(weight.float(), bits=scheme.bits, group_size=scheme.group_size or -1,
-                                           imatrix=importance.float())
-    scale = scale.reshape(rows, -1).to(weight.dtype)
+    # auto-round's search sweeps the weight 200 times, a dozen temporaries its size each time. Every group
+    # is searched on its own: row chunks give the same scales (pipeline/memory.py, SEARCH_CHUNK_ELEMENTS).
+    chunk_elements = chunk_elements or SEARCH_CHUNK_ELEMENTS["cpu" if weight.device.type == "cpu" else "gpu"]
+    chunk_rows = max(1, chunk_elements // weight.shape[1])
+    scale = torch.cat([quant_tensor_opt_rtn_sym(chunk.float(), bits=scheme.bits, group_size=scheme.group_size or -1,
+                                                imatrix=importance.float())[1].reshape(chunk.shape[0], -1)
+                       for chunk in weight.split(chunk_rows)]).to(weight.dtype)
     return scale, torch.zeros(scale.shape, dtype=torch.int8)
 
 
@@ -283,19 +322,19 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     with expert_reconstruction(layer) as expert_errors:
         for _ in range(options.iters):
             picked = rng.sample(range(samples), min(options.batch_size, samples))
-            loss = 0.0
             optimizer.zero_grad()
-            for b in picked:
-                # A storing layer writes its K/V into the store: tuning must not overwrite the chain's.
-                store = _cast(cal.q_kv[b], torch.float32)
-                expert_errors.clear()
-                pred = run_layer(layer, cal.q_hidden[b].float(), inputs[b], store)
-                sample_loss = torch.nn.functional.mse_loss(pred, fp_out[b].float())
-                if expert_errors:  # MoE: every expert's own error over all tokens (moe_calibration)
-                    sample_loss = sample_loss + torch.stack(expert_errors).mean()
-                sample_loss = sample_loss / len(picked)
-                sample_loss.backward()
-                loss += sample_loss.item()
+            # One forward of the picked batches joined, as auto-round's own loop: per-batch forwards and
+            # backwards cost far more (benchmarks/RESULTS.md, the block driver's profile). A storing layer
+            # writes its K/V into the joined store, never into the chain's.
+            hidden = torch.cat([cal.q_hidden[b] for b in picked]).float()
+            store = _cast(_joined([cal.q_kv[b] for b in picked]), torch.float32)
+            expert_errors.clear()
+            pred = run_layer(layer, hidden, _joined([inputs[b] for b in picked]), store)
+            sample_loss = torch.nn.functional.mse_loss(pred, torch.cat([fp_out[b] for b in picked]).float())
+            if expert_errors:  # MoE: every expert's own error over all tokens (moe_calibration)
+                sample_loss = sample_loss + torch.stack(expert_errors).mean()
+            sample_loss.backward()
+            loss = sample_loss.item()
             if loss < best_loss:
                 best_loss = loss
                 best = {name: {k: p.detach().clone() for k, p in w.params.items()} for name, w in wrapped.items()}
@@ -398,16 +437,18 @@ BLOCK_SOLVERS = {"autoround": autoround_block, "gptq": gptq_block, "opt-rtn": op
 
 def chain_error(cal: Calibration) -> float:
     """Mean squared error of the quantized chain against the unquantized one, once both are advanced
-    through the same block: the block's output error, which the calibrated algorithms minimise."""
+    through the same block, on the batches the unquantized chain runs: the block's output error, which
+    the calibrated algorithms minimise."""
     return sum(torch.nn.functional.mse_loss(q.float(), fp.float()).item()
-               for q, fp in zip(cal.q_hidden, cal.fp_hidden)) / len(cal.q_hidden)
+               for q, fp in zip(cal.q_hidden, cal.fp_hidden)) / len(cal.fp_hidden)
 
 
 @torch.no_grad()
 def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calibration,
               schemes: dict[str, WeightScheme]) -> float:
     """The block's output error with plain RTN weights (compressed-tensors' min/max grid), as the
-    baseline; cal.fp_hidden is already advanced through the block, the quantized chain is not."""
+    baseline, on the batches the unquantized chain runs; cal.fp_hidden is already advanced through the
+    block, the quantized chain is not."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     originals = {name: module.weight.data for name, module in targets.items()}
@@ -417,13 +458,13 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
     total = 0.0
     try:
         with cal.computing(layer):
-            for b in range(len(cal.q_hidden)):
+            for b, reference in enumerate(cal.fp_hidden):
                 out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
-                total += torch.nn.functional.mse_loss(out.float(), cal.fp_hidden[b].float()).item()
+                total += torch.nn.functional.mse_loss(out.float(), reference.float()).item()
     finally:
         for name, module in targets.items():
             module.weight.data = originals[name]
-    return total / len(cal.q_hidden)
+    return total / len(cal.fp_hidden)
 
 
 # ---------------------------------------------------------------- driver
@@ -460,6 +501,7 @@ class BlockwiseResult:
     grids: dict[str, QuantizedWeight]
     block_errors: list[BlockError]  # per block: output MSE with RTN weights and with the algorithm's
     resumed_blocks: list[int]  # blocks read back from an interrupted run's checkpoints
+    error_batches: int  # calibration batches the block errors are measured on
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
@@ -491,7 +533,9 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
     saved_dir.mkdir(parents=True, exist_ok=True)
     host = torch.device("cpu") if onload is not None else None
     with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
-        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute)
+        reference = None if ALGORITHMS[recipe.algorithm].fits_block_outputs else BLOCK_ERROR_BATCHES
+        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute,
+                            reference_batches=reference)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
     resumed_blocks: list[int] = []
@@ -503,7 +547,7 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             move_layer_state(cal, index, onload)
         targets = {n[len(layer_prefix):]: model.get_submodule(n) for n in sorted(planned) if n.startswith(layer_prefix)}
         schemes = {n[len(layer_prefix):]: s for n, s in planned.items() if n.startswith(layer_prefix)}
-        advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change: the targets
+        advance(layer, index, cal, "fp")  # the unquantized chain, before the weights change
         saved = saved_dir / f"block-{index:03d}.pt"
         resumed = saved.is_file()
         if resumed:
@@ -528,4 +572,4 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
             block = {name: QuantizedWeight(*_to((q.weight, q.scale, q.zero_point), host)) for name, q in block.items()}
         results.update({layer_prefix + name: q for name, q in block.items()})
         errors.append(error)
-    return BlockwiseResult(results, errors, resumed_blocks)
+    return BlockwiseResult(results, errors, resumed_blocks, len(cal.fp_hidden))

@@ -78,7 +78,8 @@ class BlockwiseBackend:
             if placement == "whole-model":
                 gather(model)
         attach_grids(model, plan, result.grids)
-        self.report = QuantizeReport(block_errors=result.block_errors, resumed_blocks=result.resumed_blocks)
+        self.report = QuantizeReport(block_errors=result.block_errors, error_batches=result.error_batches,
+                                     resumed_blocks=result.resumed_blocks)
 
     def save(self, model, folder: Path, recipe: Recipe) -> None:
         save_compressed_tensors(model, folder)
