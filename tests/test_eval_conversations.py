@@ -139,6 +139,17 @@ def test_messages_need_chat_turns_the_same_check_for_eval_as_for_calibration(wri
                                  eval={"conversations": "builtin"}))
 
 
+def test_the_it_recipes_score_conversations_and_base_models_plain_text_only():
+    from pipeline.recipe import RECIPES_DIR
+
+    for path in RECIPES_DIR.glob("*.yaml"):
+        recipe = load_recipe(path)
+        instruct = recipe.model.id.startswith("google/") and "-it" in recipe.model.id
+        assert (recipe.eval.conversations == ConversationsSpec()) == (instruct and recipe.target is None), path.name
+        assert recipe.eval.format == "text", path.name  # the gates keep applying to plain text
+    assert load_recipe("gemma3-270m-w4a16").eval.conversations is None  # Gemma 3 270M: a base model
+
+
 @pytest.mark.slow
 def test_a_tiny_instruct_build_shows_text_and_conversation_figures(tmp_path, capsys):
     """eval.json, the manifest, eval.md, the command's table and the card: the conversation figures beside the
