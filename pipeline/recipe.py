@@ -744,6 +744,10 @@ def load_recipe(name_or_path: str | Path, settings: tuple[Setting, ...] = ()) ->
 _SETTING_KEY = re.compile(r"[A-Za-z_][\w-]*(\.(?:[A-Za-z_][\w-]*|[0-9]+))*")
 
 
+# Keys a recipe may write as a string, and the key of their mapping that the string is (the validators' shorthands).
+STRING_FORMS = {"model": "id", "target": "id", "assistant": "model", "eval.conversations": "source"}
+
+
 @dataclass(frozen=True)
 class Setting:
     text: str  # as given: `group_size=128`, or `--model ./x`
@@ -775,14 +779,15 @@ class Setting:
         return mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine
 
     def apply(self, data: dict, source: Path) -> None:
-        """Set the key in a recipe's YAML data, making the mappings on its way (the string form of
-        `model:` becomes its mapping, `{id: ...}`)."""
+        """Set the key in a recipe's YAML data, making the mappings on its way (a key's string form becomes
+        its mapping: `model: ID` is `{id: ID}`, `eval.conversations: builtin` is `{source: builtin}`)."""
         *path, last = self.key.split(".")
         node = data
         for i, part in enumerate(path):
             child = _item(node, part)
-            if child is None or (part == "model" and node is data and isinstance(child, str)):
-                child = {} if child is None else {"id": child}
+            shorthand = STRING_FORMS.get(".".join(path[:i + 1]))
+            if child is None or (shorthand and isinstance(child, str)):
+                child = {} if child is None else {shorthand: child}
                 _set_item(node, part, child, self, source)
             if not isinstance(child, (dict, list)):
                 raise RecipeError(source, ".".join(path[:i + 1]), f"holds {shown(child)}, not a mapping of keys, "

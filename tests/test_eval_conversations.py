@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from pipeline.corpus import assistant_tokens, builtin_conversations, builtin_texts, conversation_windows
 from pipeline.model import ModelSpec, load_config, load_model, resolve
-from pipeline.recipe import ConversationsSpec, RecipeError, load_recipe
+from pipeline.recipe import ConversationsSpec, RecipeError, Setting, load_recipe, shown
 from pipeline.tiny import CHAT_TEMPLATE
 from pipeline.validate import HeldOut, compare_models, held_out_set
 
@@ -128,7 +128,7 @@ def test_messages_need_chat_turns_the_same_check_for_eval_as_for_calibration(wri
                         eval={"source": str(notes), "format": "messages", "conversations": {"source": str(notes)}})
     with pytest.raises(RecipeError) as err:
         make_plan(load_recipe(path), path)
-    why = (f"'{notes}': format: messages needs chat turns, from a .jsonl or .parquet file, hf:<dataset id> or builtin "
+    why = (f"{shown(str(notes))}: format: messages needs chat turns, from a .jsonl or .parquet file, hf:<dataset id> or builtin "
            "(the built-in held-out conversations)")
     assert err.value.problems == [("calibration.sources.0.source", why), ("eval.source", why),
                                   ("eval.conversations.source", why)]
@@ -148,6 +148,9 @@ def test_the_it_recipes_score_conversations_and_base_models_plain_text_only():
         assert (recipe.eval.conversations == ConversationsSpec()) == (instruct and recipe.target is None), path.name
         assert recipe.eval.format == "text", path.name  # the gates keep applying to plain text
     assert load_recipe("gemma3-270m-w4a16").eval.conversations is None  # Gemma 3 270M: a base model
+    # a setting changes a key of `conversations: builtin` as of the mapping it stands for
+    fewer = load_recipe("e2b-w4a16", (Setting.parse("eval.conversations.samples=4"),)).eval.conversations
+    assert fewer == ConversationsSpec(samples=4)
 
 
 @pytest.mark.slow
