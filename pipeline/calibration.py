@@ -2,7 +2,8 @@
 
 Each source is the offline built-in corpus (its calibration half, disjoint from the held-out
 evaluation half), a local file, or a Hub dataset; `format: messages` sources hold chat turns
-and are rendered with the model's chat template, as instruct models see text. Samples are
+and are rendered with the model's chat template, as instruct models see text (the built-in corpus'
+pages as questions and answers). Samples are
 shared out by weight; the result is hashed and cached in the run directory, and reused while
 the recipe's calibration block (and the tokenizer) stay the same.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from pipeline.corpus import CorpusError, load_texts
+from pipeline.corpus import CorpusError, load_conversations, load_texts, require_chat_template
 from pipeline.recipe import CalibrationSpec, CalibrationSource
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,7 @@ def allocate(samples: int, weights: list[float]) -> list[int]:
 def render(source: CalibrationSource, tokenizer, rows: list) -> list[str]:
     if source.format == "text":
         return rows
-    if not getattr(tokenizer, "chat_template", None):
-        raise CorpusError(f"calibration source {source.source!r} has format: messages, but the model's tokenizer "
-                          "has no chat template")
+    require_chat_template(tokenizer, source.source)
     return [tokenizer.apply_chat_template(messages, tokenize=False) for messages in rows]
 
 
@@ -62,35 +61,8 @@ def source_rows(source: CalibrationSource) -> list:
     if source.format == "text":
         return load_texts(source.source, "calibration", text_field=source.field,
                           hub_config=source.config, hub_split=source.split)
-    rows = _records(source)
-    if rows and source.field not in rows[0]:
-        raise CorpusError(f"calibration source {source.source!r} has no field {source.field!r}; "
-                          f"fields: {', '.join(sorted(rows[0]))}")
-    return [row[source.field] for row in rows if row.get(source.field)]
-
-
-def _records(source: CalibrationSource) -> list[dict]:
-    if source.source.startswith("hf:"):
-        from datasets import load_dataset
-
-        from pipeline.model import go_offline_if_unreachable
-
-        if went_offline := go_offline_if_unreachable(source.source[3:], repo_type="dataset", filename="README.md"):
-            log.warning(went_offline)
-        try:
-            return list(load_dataset(source.source[3:], source.config, split=source.split))
-        except Exception as err:
-            raise CorpusError(f"Hub dataset {source.source[3:]!r} could not be loaded: {err.__class__.__name__}: "
-                              f"{err}. Offline? Use a local file or 'builtin'.") from None
-    path = Path(source.source).expanduser()
-    if path.suffix == ".jsonl" and path.is_file():
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".parquet" and path.is_file():
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise CorpusError(f"calibration source {source.source!r}: format: messages needs a .jsonl or .parquet file "
-                      "or hf:<dataset id>")
+    return load_conversations(source.source, "calibration", field=source.field, hub_config=source.config,
+                              hub_split=source.split)
 
 
 def windows_from(texts: list[str], tokenizer, count: int, seq_len: int, seed: int, name: str) -> list[list[int]]:

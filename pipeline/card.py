@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pydantic import BaseModel
 
 from pipeline.plan import Kept, Plan
-from pipeline.recipe import RECIPES_DIR, EvalSpec, Recipe, clip
+from pipeline.recipe import RECIPES_DIR, HeldOutSpec, Recipe, clip
 from pipeline.records import EvalReport
 from pipeline.rundir import EXPORT, PLAN, CardRecord, Manifest
 from pipeline.text_only import PROCESSOR_FILES
@@ -158,6 +158,7 @@ class CardFacts(BaseModel):
     measured: EvalReport | None
     not_measured: str | None  # why the quality section has no numbers
     eval_text: str | None
+    conversations_text: str | None = None  # eval.conversations, where the recipe has them
     weights_bytes: int
     source_bytes: int
     source_measured: bool
@@ -208,6 +209,7 @@ def gather(run_dir: Path, repo_id: str | None = None, export_at: Path | None = N
         kept=kept, other_params=plan.other_params,
         status=status, failures=validation.failures if validation else [],
         measured=measured, not_measured=not_measured, eval_text=eval_text(measured.eval) if measured else None,
+        conversations_text=eval_text(measured.eval.conversations) if measured and measured.eval.conversations else None,
         weights_bytes=sizes.export_weights_bytes if sizes else manifest.sizes.export_weights_bytes,
         source_bytes=sizes.source_weights_bytes if sizes else manifest.sizes.source_bf16_bytes_estimate,
         source_measured=bool(sizes and sizes.source_measured),
@@ -319,8 +321,11 @@ def measurements(run_dir: Path, manifest: Manifest) -> tuple[EvalReport | None, 
     return measured, None
 
 
-def eval_text(spec: EvalSpec) -> str:
+def eval_text(spec: HeldOutSpec) -> str:
     source = spec.source
+    if source == "builtin" and spec.format == "messages":
+        return ("gemma-quant's built-in held-out conversations (a question naming a page of the Python reference "
+                "documentation, the page as the answer; never used for calibration)")
     if source == "builtin":
         return "gemma-quant's built-in held-out text (Python reference documentation; never used for calibration)"
     if source.startswith("hf:"):
@@ -429,9 +434,13 @@ def limitations(facts: CardFacts, plan: Plan) -> list[str]:
     elif facts.not_measured:
         notes.append("Quality not measured: " + facts.not_measured + ".")
     else:
-        quality = facts.measured.quality or next(g.quality for g in facts.measured.gguf if g.quality)
-        notes.append(f"Quality was measured against the unquantized model on {quality.tokens:,} "
-                     "tokens of held-out text only; no task benchmarks were run.")
+        report = facts.measured
+        text, conversations = ((report.quality, report.conversations and report.conversations.quality) if report.quality
+                               else next((g.quality, g.conversations) for g in report.gguf if g.quality))
+        held_out = "conversations" if report.eval.format == "messages" else "text"
+        notes.append(f"Quality was measured against the unquantized model on {text.tokens:,} tokens of held-out "
+                     f"{held_out}" + (f" and {conversations.tokens:,} assistant tokens of held-out conversations"
+                                      if conversations else "") + " only; no task benchmarks were run.")
     return notes
 
 

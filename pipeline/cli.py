@@ -270,21 +270,27 @@ def show_eval(run_dir: Path) -> None:
     if report.get("gguf"):
         return show_gguf_eval(run_dir, report)
     q, s = report["quality"], report["sizes"]
+    c = (report.get("conversations") or {}).get("quality")  # eval.conversations, scored on the assistant turns
     title = f"validation: {report['model_id']}, {report['scheme']}"
     table = Table(title=f"{title} ({q['samples']}×{q['seq_len']} held-out tokens)" if q else title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    quality_rows = [("KL mean", f"{q['kl_mean']:.5f}"), ("KL p99", f"{q['kl_p99']:.5f}"),
-                    ("top-1 agreement", f"{q['top1_agreement']:.4f}"),
-                    ("perplexity unquantized → quantized", f"{q['ppl_reference']:.3f} → {q['ppl_quantized']:.3f}"),
-                    ("perplexity ratio", f"{q['ppl_ratio']:.4f}")] if q else [("quality", "not measured")]
-    for name, value in [*quality_rows,
-                        ("weights on disk", f"{_gb(s['export_weights_bytes'])} ({s['export_vs_source']:.1%} of BF16)"),
-                        ("bits per quantized parameter", f"{s['bits_per_quantized_param']:.3f}"),
-                        ("structure", "ok" if not report["structure"]["problems"] else
-                         f"{len(report['structure']['problems'])} problems"),
-                        ("loads cleanly", "no" if report["load_problems"] else "yes")]:
-        table.add_row(name, value)
+    table.add_column("held-out text" if c else "value", justify="right")
+    if c:
+        table.add_column(f"conversations ({c['tokens']:,} assistant tokens)", justify="right")
+
+    def figures(q: dict) -> list[str]:
+        return [f"{q['kl_mean']:.5f}", f"{q['kl_p99']:.5f}", f"{q['top1_agreement']:.4f}",
+                f"{q['ppl_reference']:.3f} → {q['ppl_quantized']:.3f}", f"{q['ppl_ratio']:.4f}"]
+
+    names = ["KL mean", "KL p99", "top-1 agreement", "perplexity unquantized → quantized", "perplexity ratio"]
+    quality_rows = list(zip(names, figures(q), *([figures(c)] if c else []))) if q else [("quality", "not measured")]
+    for name, *values in [*quality_rows,
+                          ("weights on disk", f"{_gb(s['export_weights_bytes'])} ({s['export_vs_source']:.1%} of BF16)"),
+                          ("bits per quantized parameter", f"{s['bits_per_quantized_param']:.3f}"),
+                          ("structure", "ok" if not report["structure"]["problems"] else
+                           f"{len(report['structure']['problems'])} problems"),
+                          ("loads cleanly", "no" if report["load_problems"] else "yes")]:
+        table.add_row(name, *values)
     console.print(table)
     for gate in report["gates"] + report["serving"]["gates"]:
         console.print(("[green]" if gate["passed"] else "[red]") + escape(gate["message"]) + "[/]")

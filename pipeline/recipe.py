@@ -16,7 +16,7 @@ import re
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, get_args, get_origin
+from typing import ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -174,20 +174,48 @@ DEFAULT_PROMPTS = (
 )
 
 
-class EvalSpec(_Strict):
-    """Held-out text for validation: never the text calibration uses."""
+class HeldOutSpec(_Strict):
+    """A held-out set validation scores the export on: never the text calibration uses. `format: messages`:
+    conversations, rendered with the model's chat template and scored on the assistant turns only."""
 
     source: str = "builtin"  # builtin | a .txt/.jsonl/.parquet file | hf:<dataset id>
+    format: Literal["text", "messages"] = "text"
     config: str | None = None  # Hub dataset config
     split: str = "test"  # Hub dataset split
-    text_field: str = "text"
-    samples: int = Field(default=8, ge=1)
+    text_field: str = "text"  # the text (or messages) field of jsonl/parquet/Hub rows
+    samples: int = Field(default=8, ge=1)  # windows; of conversations, one conversation each
     seq_len: int = Field(default=256, ge=8)
+
+
+class ConversationsSpec(HeldOutSpec):
+    """`eval.conversations`: held-out conversations scored beside the recipe's eval set, as an instruct model is
+    used. `builtin`: the built-in corpus' held-out pages, each a question naming its title and the page as the
+    answer (offline)."""
+
+    format: Literal["messages"] = "messages"
+    text_field: str = "messages"
+
+
+class EvalSpec(HeldOutSpec):
+    """Validation's held-out set (plain text by default; the gates apply to its figures), the greedy generations
+    shown beside them, and for instruct models held-out conversations scored as well."""
+
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(default=24, ge=1)
     # Beside the quantization error (both models in float32), the quality as served (both in bf16) and
     # bf16's own floor: twice the forwards, each several times slower where the CPU emulates bf16.
     served: bool = True
+    conversations: ConversationsSpec | None = None  # written `conversations: builtin` for the built-in set
+
+    @field_validator("conversations", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value):
+        return {"source": value} if isinstance(value, str) else value
+
+    @property
+    def held_out(self) -> list[HeldOutSpec]:
+        """The sets validation scores, the recipe's eval set first."""
+        return [self, *([self.conversations] if self.conversations else [])]
 
 
 class Gates(_Strict):
@@ -603,6 +631,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
+        if self.target is not None and (self.eval.format == "messages" or self.eval.conversations):
+            raise _KeyError("eval", "a drafter is scored fed its target's states on plain-text windows, with no chat "
+                            "template of its own; score conversations on the target's build (eval.conversations)")
         if self.export != "compressed-tensors" and any(not rule.skip for rule in self.overrides):
             raise _KeyError("export", f"the {self.export} format holds one bit width, group size and symmetry for "
                             "every module (overrides: sets them per module); use export: compressed-tensors, which "
@@ -713,6 +744,10 @@ def load_recipe(name_or_path: str | Path, settings: tuple[Setting, ...] = ()) ->
 _SETTING_KEY = re.compile(r"[A-Za-z_][\w-]*(\.(?:[A-Za-z_][\w-]*|[0-9]+))*")
 
 
+# Keys a recipe may write as a string, and the key of their mapping that the string is (the validators' shorthands).
+STRING_FORMS = {"model": "id", "target": "id", "assistant": "model", "eval.conversations": "source"}
+
+
 @dataclass(frozen=True)
 class Setting:
     text: str  # as given: `group_size=128`, or `--model ./x`
@@ -744,14 +779,15 @@ class Setting:
         return mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine
 
     def apply(self, data: dict, source: Path) -> None:
-        """Set the key in a recipe's YAML data, making the mappings on its way (the string form of
-        `model:` becomes its mapping, `{id: ...}`)."""
+        """Set the key in a recipe's YAML data, making the mappings on its way (a key's string form becomes
+        its mapping: `model: ID` is `{id: ID}`, `eval.conversations: builtin` is `{source: builtin}`)."""
         *path, last = self.key.split(".")
         node = data
         for i, part in enumerate(path):
             child = _item(node, part)
-            if child is None or (part == "model" and node is data and isinstance(child, str)):
-                child = {} if child is None else {"id": child}
+            shorthand = STRING_FORMS.get(".".join(path[:i + 1]))
+            if child is None or (shorthand and isinstance(child, str)):
+                child = {} if child is None else {shorthand: child}
                 _set_item(node, part, child, self, source)
             if not isinstance(child, (dict, list)):
                 raise RecipeError(source, ".".join(path[:i + 1]), f"holds {shown(child)}, not a mapping of keys, "
@@ -984,8 +1020,9 @@ def _fields_at(loc: tuple) -> list[str]:
         if isinstance(part, int):  # an item of a list of models
             continue
         annotation = model.model_fields[part].annotation
-        annotation = next(iter(get_args(annotation)), annotation) if get_origin(annotation) is list else annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+        # a list of models, or an optional one (`X | None`): the model inside
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     model)
     return list(model.model_fields)
 
 
@@ -1001,7 +1038,10 @@ def check_against_config(recipe: Recipe, config, source: str | Path) -> None:
         problems.append(("group_size", f"{recipe.group_size} does not divide the text hidden size {hidden} "
                          f"of {recipe.model.id}; allowed for this model: {', '.join(map(str, divisors)) or 'null'}"))
     context = getattr(text_config, "max_position_embeddings", None)
-    for key, seq_len in (("calibration.seq_len", recipe.calibration.seq_len), ("eval.seq_len", recipe.eval.seq_len)):
+    seq_lens = [("calibration.seq_len", recipe.calibration.seq_len), ("eval.seq_len", recipe.eval.seq_len)]
+    if recipe.eval.conversations:
+        seq_lens.append(("eval.conversations.seq_len", recipe.eval.conversations.seq_len))
+    for key, seq_len in seq_lens:
         if context and seq_len > context:
             problems.append((key, f"{seq_len:,} tokens is longer than the context of {recipe.model.id} "
                              f"({context:,} tokens); allowed: 8 to {context:,}"))
@@ -1024,8 +1064,11 @@ def data_file_problems(recipe: Recipe) -> list[tuple[str, str]]:
     does not read: checked when the run is planned, not when the text is first read (after the model
     is loaded, or after quantize and export)."""
     sources = [(f"calibration.sources.{i}.source", s.source, s.format) for i, s in enumerate(recipe.calibration.sources)]
+    sources.append(("eval.source", recipe.eval.source, recipe.eval.format))
+    if recipe.eval.conversations:
+        sources.append(("eval.conversations.source", recipe.eval.conversations.source, "messages"))
     problems = []
-    for key, ref, text_format in [*sources, ("eval.source", recipe.eval.source, "text")]:
+    for key, ref, text_format in sources:
         if ref == "builtin":
             continue
         if ref.startswith("hf:"):
@@ -1045,5 +1088,5 @@ def data_file_problems(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append((key, f"{shown(ref)}: unsupported file type {shown(path.suffix)}; allowed: {allowed}"))
         elif text_format == "messages" and path.suffix == ".txt":
             problems.append((key, f"{shown(ref)}: format: messages needs chat turns, from a .jsonl or .parquet "
-                             "file or hf:<dataset id>"))
+                             "file, hf:<dataset id> or builtin (the built-in held-out conversations)"))
     return problems

@@ -67,6 +67,13 @@ class Floor(BaseModel):
     ppl_ratio: float  # bf16's perplexity over float32's
 
 
+class HeldOutQuality(BaseModel):
+    """The figures on `eval.conversations`, measured as the eval set's are (the gates apply to those)."""
+    quality: Quality  # both computing in float32 (bf16 where float32 did not fit)
+    served: Quality | None  # both in bf16
+    bf16_floor: Floor | None
+
+
 class MeasuredSizes(BaseModel):
     source_weights_bytes: int
     source_measured: bool  # False: the source's files were not local, the plan's BF16 estimate is used
@@ -153,6 +160,7 @@ class GGUFResult(BaseModel):
     bytes: int
     bits_per_weight: float  # the file's bytes over the parameters it stores
     quality: Quality | None  # None: llama.cpp did not load or score it (`problem`)
+    conversations: Quality | None = None  # on eval.conversations, where the recipe has them
     load_seconds: float | None = None
     chat_reply: str | None = None
     problem: str | None = None
@@ -187,6 +195,7 @@ class EvalReport(BaseModel):
     quality: Quality | None
     served: Quality | None  # both in bf16, as vLLM and transformers serve the export; None where `quality` is
     bf16_floor: Floor | None  # measured with `served`
+    conversations: HeldOutQuality | None = None  # eval.conversations, where the recipe has them
     sizes: MeasuredSizes
     generations: list[Generation]
     structure: Structure

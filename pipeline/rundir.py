@@ -133,6 +133,7 @@ class ValidationRecord(_Record):
     report: str = EVAL_JSON
     failures: list[str]
     quality: Quality | None  # as eval.json holds it
+    conversations: Quality | None = None  # on eval.conversations, as eval.json holds it
     serving: Serving | None = None  # as eval.json holds it
     export_files: dict[str, FileSum]  # the export as validation checksummed it
 

@@ -115,7 +115,7 @@ def gguf_recipe(recipe: Recipe, types: list[str], run_dir: Path) -> Recipe:
     return parse_recipe(data, source="sweep --gguf")
 
 
-def gguf_rows(recipe: Recipe, recipe_path: Path, types: list[str], reference, windows, measuring, out_dir: Path,
+def gguf_rows(recipe: Recipe, recipe_path: Path, types: list[str], reference, held_out, measuring, out_dir: Path,
               when) -> list[PolicyResult]:
     """One GGUF build of the recipe (quantize's stages), each file scored in llama.cpp against `reference`."""
     import time
@@ -133,13 +133,13 @@ def gguf_rows(recipe: Recipe, recipe_path: Path, types: list[str], reference, wi
         variant = gguf_recipe(recipe, types, work)
         manifest = build_candidate(variant, recipe_path, out_dir, work, when)
         plan = Plan.load(work / PLAN)
-        save_reference_logits(reference, windows, measuring, work)
+        save_reference_logits(reference, [held_out], measuring, work)
         built = time.perf_counter() - start
         rows = []
         for entry in manifest.export.gguf:
             began = time.perf_counter()
             path = work / EXPORT / entry.name
-            quality, _, _ = score_gguf(path, plan, windows, measuring, work, entry.label)
+            [quality], _, _ = score_gguf(path, plan, [held_out], measuring, work, entry.label)
             kinds = Counter(t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) > 1)
             rows.append(PolicyResult(
                 policy=f"gguf {entry.label}",
@@ -170,13 +170,12 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
     from transformers import AutoTokenizer
 
     from pipeline.compute import host_compute_dtype, torch_dtype
-    from pipeline.corpus import load_texts, token_windows
     from pipeline.formats import export_format
     from pipeline.model import load_model, model_class
     from pipeline.plan import Plan
     from pipeline.run import build_candidate, check_owned, claim_run_dir, make_plan
     from pipeline.rundir import EXPORT, PLAN
-    from pipeline.validate import compare_models, load_export, measure_sizes
+    from pipeline.validate import compare_models, held_out_set, load_export, measure_sizes
 
     recipe_path = resolve_recipe_path(recipe_ref)
     recipe = load_recipe(recipe_path, settings)
@@ -187,8 +186,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
                                           if v is not None})
     source, config, _ = make_plan(recipe, recipe_path, settings)
     tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
-    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
-    windows = token_windows(tokenizer, texts, spec.samples, spec.seq_len)
+    held_out = held_out_set(spec, tokenizer)  # the recipe's eval set (its conversations are validation's)
     reference = (text_only.load_text_model(source, config) if text_only.wanted(recipe) else load_model(source, config)).eval()
     measuring = torch_dtype(host_compute_dtype())  # the measurements only; every policy quantizes BF16 weights
     results = []
@@ -201,7 +199,8 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
                                        reference_model=reference)
             plan, export, fmt = Plan.load(work / PLAN), work / EXPORT, export_format(variant.export)
             quality = compare_models(lambda: reference, lambda: load_export(model_class(config), export, fmt),
-                                     windows, work, tokenizer, [], 1, (measuring,), measuring).quality[measuring]
+                                     [held_out], work, tokenizer, [], 1, (measuring,), measuring
+                                     ).figures[0].quality[measuring]
             results.append(PolicyResult(
                 policy=policy.name, description=policy.description,
                 mix={scheme.label: len(names) for scheme, names in plan.schemes().items()},
@@ -216,7 +215,7 @@ def run_sweep(recipe_ref: str | Path, policies: list[Policy], out_dir: Path | No
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if gguf_types:
-        results += gguf_rows(recipe, recipe_path, gguf_types, reference, windows, measuring, out_dir,
+        results += gguf_rows(recipe, recipe_path, gguf_types, reference, held_out, measuring, out_dir,
                              datetime.now(timezone.utc))
     write_results(out_dir, recipe, spec, results)
     return results

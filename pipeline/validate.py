@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from pipeline import text_only
 from pipeline.compute import computing_in, torch_dtype
 from pipeline.drafter import FIRST_POSITION, TargetStates, is_drafter, target_states
-from pipeline.corpus import load_texts, token_windows
+from pipeline.corpus import (conversation_windows, load_conversations, load_texts, require_chat_template,
+                             token_windows)
 from pipeline.export import (config_problems, file_checksums, sidecar_problems, tensor_digest,
                              written_quantization_config)
 from pipeline.formats import ExportFormat, expert_slice, export_format, fused_source
@@ -33,9 +34,9 @@ from pipeline.memory import MemoryPlan, load_within
 from pipeline.model import SIDECAR_PATTERNS, Source, load_config, model_class, resolve, sidecar_files
 from pipeline.reload import load_quantized
 from pipeline.plan import Plan
-from pipeline.recipe import Gates
-from pipeline.records import (DraftAcceptance, EvalReport, Floor, GateResult, GGUFResult, Generation, MeasuredSizes, ProjectorResult,
-                             Quality, Serving, Structure)
+from pipeline.recipe import Gates, HeldOutSpec
+from pipeline.records import (DraftAcceptance, EvalReport, Floor, GateResult, GGUFResult, Generation, HeldOutQuality,
+                             MeasuredSizes, ProjectorResult, Quality, Serving, Structure)
 from pipeline.rundir import (DIGESTS, EVAL_JSON, EVAL_MD, EXPORT, MEMORY_PLAN, PLAN, RUNTIME_REFERENCE, Manifest,
                              Projector, ValidationRecord, library_versions, write_json_atomically)
 from pipeline.runlock import holds_run_lock
@@ -78,19 +79,51 @@ def load_export(cls, export: Path, fmt: ExportFormat, dtype: torch.dtype = torch
     return model.eval()
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out token windows and the positions scored on them (bool, shaped like the windows): a position counts
+    when its next token does, every position of plain text, of a conversation those before an assistant's token."""
+
+    windows: torch.Tensor
+    scored: torch.Tensor
+
+    @classmethod
+    def text(cls, windows: torch.Tensor) -> HeldOut:
+        return cls(windows, torch.ones_like(windows, dtype=torch.bool))
+
+    def split(self):
+        """(window, its scored positions), one window at a time."""
+        return zip(self.windows.split(1), self.scored.split(1))
+
+
+def held_out_set(spec: HeldOutSpec, tokenizer) -> HeldOut:
+    """A held-out set's windows: plain text packed end to end, or one conversation per window."""
+    if spec.format == "text":
+        texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config,
+                           hub_split=spec.split)
+        return HeldOut.text(token_windows(tokenizer, texts, spec.samples, spec.seq_len))
+    require_chat_template(tokenizer, spec.source)
+    conversations = load_conversations(spec.source, "eval", field=spec.text_field, hub_config=spec.config,
+                                       hub_split=spec.split)
+    return HeldOut(*conversation_windows(tokenizer, conversations, spec.samples, spec.seq_len))
+
+
 class _Comparison:
-    """Per-token KL(reference ‖ other), top-1 agreement and both negative log-likelihoods, window by window."""
+    """Per-token KL(reference ‖ other), top-1 agreement and both negative log-likelihoods, window by window, at
+    the positions scored."""
 
     def __init__(self):
         self.kls, self.agree, self.nll_ref, self.nll_other = [], [], [], []
 
-    def add(self, ref: torch.Tensor, other: torch.Tensor, window: torch.Tensor) -> None:
+    def add(self, ref: torch.Tensor, other: torch.Tensor, window: torch.Tensor, scored: torch.Tensor | None = None) -> None:
+        """`scored`: the positions that count (None: all of them); the likelihoods are of each one's next token."""
+        scored = torch.ones_like(window, dtype=torch.bool) if scored is None else scored
         ref, other = torch.log_softmax(ref.float(), -1), torch.log_softmax(other.float(), -1)
-        self.kls.append((ref.exp() * (ref - other)).sum(-1).flatten())
-        self.agree.append((ref.argmax(-1) == other.argmax(-1)).flatten())
-        targets = window[:, 1:].unsqueeze(-1)
-        self.nll_ref.append(-ref[:, :-1].gather(-1, targets).flatten())
-        self.nll_other.append(-other[:, :-1].gather(-1, targets).flatten())
+        self.kls.append((ref.exp() * (ref - other)).sum(-1)[scored])
+        self.agree.append((ref.argmax(-1) == other.argmax(-1))[scored])
+        targets, predicting = window[:, 1:].unsqueeze(-1), scored[:, :-1]
+        self.nll_ref.append(-ref[:, :-1].gather(-1, targets).squeeze(-1)[predicting])
+        self.nll_other.append(-other[:, :-1].gather(-1, targets).squeeze(-1)[predicting])
 
     def _figures(self) -> dict:
         kl = torch.cat(self.kls)
@@ -107,58 +140,68 @@ class _Comparison:
 
 
 @dataclass
-class Compared:
+class Figures:
+    """One held-out set's figures."""
     quality: dict[torch.dtype, Quality]  # by the dtype both models computed in
     bf16_floor: Floor | None  # where both bf16 and float32 were measured
+
+
+@dataclass
+class Compared:
+    figures: list[Figures]  # one per held-out set, in the order given
     generations: list[Generation]
 
 
-def compare_models(reference_fn, quantized_fn, windows: torch.Tensor, scratch: Path, tokenizer,
+def compare_models(reference_fn, quantized_fn, held_out: list[HeldOut], scratch: Path, tokenizer,
                    prompts: list[str], max_new_tokens: int, dtypes: tuple[torch.dtype, ...],
                    generate_in: torch.dtype, on_quantized: Callable | None = None) -> Compared:
-    """The quantized model against the reference, both computing in each of `dtypes` (loaded in their
-    stored dtype, widened for float32: pipeline/compute.py): per-token KL(reference ‖ quantized), top-1
+    """The quantized model against the reference on each held-out set, both computing in each of `dtypes` (loaded
+    in their stored dtype, widened for float32: pipeline/compute.py): per-token KL(reference ‖ quantized), top-1
     agreement and both perplexities; with bf16 and float32, also bf16's own floor (the reference in bf16
     against itself in float32); greedy generations computing in `generate_in`. One model resident at a
     time: the quantized one first (so an export that does not load cleanly fails before any work), its
     logits kept on disk while the reference runs, each file removed once compared. `on_quantized(dtype,
-    window, logits)` sees each of the quantized model's windows."""
+    window, logits)` sees each of the quantized model's windows of the first set."""
     def passes(model, what: str):
         # One short forward in the stored dtype first: a reloaded export's compressed-tensors modules set up
         # their weights at the first forward, in the dtype it runs in, and a float32 one would mix dtypes.
-        _window_logits(model, windows[:1, :8])
+        _window_logits(model, held_out[0].windows[:1, :8])
         for dtype in dtypes:
             with computing_in(model, dtype):
-                for i, window in enumerate(tqdm(windows.split(1), desc=f"{what} logits, {_name(dtype)}", leave=False)):
-                    yield dtype, i, window, _window_logits(model, window)
+                for k, part in enumerate(held_out):
+                    for i, (window, scored) in enumerate(tqdm(list(part.split()), leave=False,
+                                                              desc=f"{what} logits, {_name(dtype)}, set {k + 1}")):
+                        yield dtype, k, i, window, scored, _window_logits(model, window)
 
     model = quantized_fn()
-    for dtype, i, window, logits in passes(model, "quantized"):
-        torch.save(logits, scratch / f"quantized-{_name(dtype)}-{i}.pt")
-        if on_quantized is not None:
+    for dtype, k, i, window, _, logits in passes(model, "quantized"):
+        torch.save(logits, scratch / f"quantized-{_name(dtype)}-{k}-{i}.pt")
+        if on_quantized is not None and k == 0:
             on_quantized(dtype, window, logits)
     with computing_in(model, generate_in):
         quantized_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
     model = reference_fn()
-    compared = {dtype: _Comparison() for dtype in dtypes}
-    bf16_vs_float32 = _Comparison() if set(dtypes) == {torch.bfloat16, torch.float32} else None
-    for dtype, i, window, logits in passes(model, "reference"):
-        stored = scratch / f"quantized-{_name(dtype)}-{i}.pt"
-        compared[dtype].add(logits, torch.load(stored), window)
+    compared = [{dtype: _Comparison() for dtype in dtypes} for _ in held_out]
+    floors = [_Comparison() if set(dtypes) == {torch.bfloat16, torch.float32} else None for _ in held_out]
+    for dtype, k, i, window, scored, logits in passes(model, "reference"):
+        stored = scratch / f"quantized-{_name(dtype)}-{k}-{i}.pt"
+        compared[k][dtype].add(logits, torch.load(stored), window, scored)
         stored.unlink()
-        if bf16_vs_float32 is not None and dtype == torch.bfloat16:
-            torch.save(logits, scratch / f"reference-bfloat16-{i}.pt")
-        elif bf16_vs_float32 is not None:
-            bf16_vs_float32.add(logits, torch.load(bf16 := scratch / f"reference-bfloat16-{i}.pt"), window)
+        if floors[k] is not None and dtype == torch.bfloat16:
+            torch.save(logits, scratch / f"reference-bfloat16-{k}-{i}.pt")
+        elif floors[k] is not None:
+            floors[k].add(logits, torch.load(bf16 := scratch / f"reference-bfloat16-{k}-{i}.pt"), window, scored)
             bf16.unlink()
     with computing_in(model, generate_in):
         reference_text = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
-    quality = {dtype: comparison.quality(dtype, windows) for dtype, comparison in compared.items()}
+    figures = [Figures({dtype: comparison.quality(dtype, part.windows) for dtype, comparison in by_dtype.items()},
+                       floor.floor() if floor else None)
+               for part, by_dtype, floor in zip(held_out, compared, floors)]
     generations = [Generation(prompt=p, reference=r, quantized=q)
                    for p, r, q in zip(prompts, reference_text, quantized_text)]
-    return Compared(quality, bf16_vs_float32.floor() if bf16_vs_float32 else None, generations)
+    return Compared(figures, generations)
 
 
 def compare_drafters(reference_fn, quantized_fn, states: TargetStates, dtypes: tuple[torch.dtype, ...]
@@ -189,7 +232,7 @@ def compare_drafters(reference_fn, quantized_fn, states: TargetStates, dtypes: t
         floor = _Comparison()
         floor.add(references[torch.float32], references[torch.bfloat16], windows)
     quality = {dtype: c.quality(dtype, windows) for dtype, c in compared.items()}
-    return Compared(quality, floor.floor() if floor else None, []), acceptance
+    return Compared([Figures(quality, floor.floor() if floor else None)], []), acceptance
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -444,7 +487,8 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     spec = recipe.eval
     drafter = is_drafter(config)
     tokens_of = resolve(recipe.target) if drafter else source  # a drafter reads its target's tokens
-    windows = held_out_windows(recipe, tokens_of)
+    tokenizer = AutoTokenizer.from_pretrained(tokens_of.ref, revision=tokens_of.spec.revision)
+    held_out = [held_out_set(held, tokenizer) for held in spec.held_out]
     memory = MemoryPlan.model_validate_json((run_dir / MEMORY_PLAN).read_text())
     for stale in run_dir.glob(".eval-*"):  # a killed validation's logits: this process holds the run's lock
         shutil.rmtree(stale, ignore_errors=True)
@@ -457,7 +501,7 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
 
     if recipe.export == "gguf":
         try:
-            report = validate_gguf(run_dir, manifest, plan, source, windows, reference,
+            report = validate_gguf(run_dir, manifest, plan, source, held_out, reference,
                                    torch.float32 if memory.float32_fits else torch.bfloat16, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -469,7 +513,6 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     if qconfig is not None:
         qconfig_wrong = config_problems(qconfig, plan, recipe.export)
     sidecars_wrong = sidecar_problems(export, text_only.export_sidecars(recipe, sidecar_files(source)))
-    tokenizer = AutoTokenizer.from_pretrained(tokens_of.ref, revision=tokens_of.spec.revision)
     # Both models load in their stored dtype, BF16, and are widened for the float32 figures.
     if not memory.float32_fits:
         dtypes = (torch.bfloat16,)
@@ -479,7 +522,7 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     recorded = record_problems(run_dir, manifest)
     unreadable = unreadable_tensor_files(export)
     compared, load_problems, acceptance = None, unreadable, None
-    recorder = ReferenceRecorder(windows)
+    recorder = ReferenceRecorder(held_out[0].windows)  # the serve check runs the eval set
     (run_dir / RUNTIME_REFERENCE).unlink(missing_ok=True)  # an earlier validation's: not this export's
     try:
         if unreadable:
@@ -488,10 +531,10 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
             raise LoadProblems("not loaded: the export's quantization_config does not say what the plan says, "
                                "so a loader would read its integers wrongly (see the structure problems)")
         if drafter:
-            states = target_states(tokens_of, load_config(tokens_of), windows, torch.float32)
+            states = target_states(tokens_of, load_config(tokens_of), held_out[0].windows, torch.float32)
             compared, acceptance = compare_drafters(reference, lambda: load_export(cls, export, fmt), states, dtypes)
         else:
-            compared = compare_models(reference, lambda: load_export(cls, export, fmt), windows, scratch, tokenizer,
+            compared = compare_models(reference, lambda: load_export(cls, export, fmt), held_out, scratch, tokenizer,
                                       spec.prompts, spec.max_new_tokens, dtypes, torch_dtype(memory.compute_dtype),
                                       on_quantized=recorder)
             recorder.reference().save(run_dir / RUNTIME_REFERENCE)
@@ -508,13 +551,13 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
                  Structure(tensors_checked=0, kept_identical=0, quantized_stored=0,
                            problems=[] if unreadable else ["the source's weights are not available locally to compare with"]))
     structure.problems = recorded + qconfig_wrong + sidecars_wrong + structure.problems
-    by_dtype = compared.quality if compared else {}
-    quality = by_dtype.get(torch.float32) or by_dtype.get(torch.bfloat16)
+    figures = compared.figures if compared else []
+    main = reported(figures[0] if figures else None)
+    quality = main["quality"]
     report = EvalReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, quality=quality,
-        served=by_dtype.get(torch.bfloat16) if torch.float32 in by_dtype else None,
-        bf16_floor=compared.bf16_floor if compared else None,
+        model_id=recipe.model.id, scheme=recipe.scheme, eval=spec, **main,
+        conversations=HeldOutQuality(**reported(figures[1])) if len(figures) > 1 else None,
         sizes=measure_sizes(export, weights_dir, plan, fmt),
         generations=compared.generations if compared else [],
         structure=structure, gates=check_gates(recipe.gates, quality) if quality else [],
@@ -525,18 +568,18 @@ def validate_run(run_dir: Path, serve: bool = True, logs_dir: Path | None = None
     return report
 
 
-def held_out_windows(recipe, source) -> torch.Tensor:
-    from transformers import AutoTokenizer
+def reported(figures: Figures | None) -> dict:
+    """A set's figures as the report holds them: the quantization error (both in float32, else bf16), the quality
+    as served (both in bf16, where float32 was measured too) and bf16's own floor."""
+    by_dtype = figures.quality if figures else {}
+    return dict(quality=by_dtype.get(torch.float32) or by_dtype.get(torch.bfloat16),
+                served=by_dtype.get(torch.bfloat16) if torch.float32 in by_dtype else None,
+                bf16_floor=figures.bf16_floor if figures else None)
 
-    spec = recipe.eval
-    tokenizer = AutoTokenizer.from_pretrained(source.ref, revision=recipe.model.revision)
-    texts = load_texts(spec.source, "eval", text_field=spec.text_field, hub_config=spec.config, hub_split=spec.split)
-    return token_windows(tokenizer, texts, spec.samples, spec.seq_len)
 
-
-def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source, windows: torch.Tensor,
+def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source, held_out: list[HeldOut],
                   reference_fn: Callable, dtype: torch.dtype, scratch: Path) -> EvalReport:
-    """`export: gguf`: every file loaded by llama.cpp and scored on the held-out windows against the unquantized
+    """`export: gguf`: every file loaded by llama.cpp and scored on the held-out sets against the unquantized
     model in transformers (computing in `dtype`), the same KL / top-1 / perplexity as the other formats'; one
     chat reply through the file's own chat template; each file's tensors against the digests written at export."""
     from pipeline.gguf_export import gguf_tensor_digests, parameters
@@ -548,7 +591,7 @@ def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source,
     now = gguf_tensor_digests(export)
     problems += [f"{EXPORT}/{key.replace(':', ': tensor ', 1)} changed since export" for key in sorted(written)
                  if key in now and now[key] != written[key]]
-    save_reference_logits(reference_fn(), windows, dtype, scratch)
+    save_reference_logits(reference_fn(), held_out, dtype, scratch)
     results = []
     for entry in manifest.export.gguf:
         path = export / entry.name
@@ -556,8 +599,10 @@ def validate_gguf(run_dir: Path, manifest: Manifest, plan: Plan, source: Source,
                       bytes=path.stat().st_size if path.is_file() else 0, quality=None)
         result["bits_per_weight"] = 8 * result["bytes"] / max(parameters(path), 1) if path.is_file() else 0.0
         try:
-            result["quality"], result["load_seconds"], result["chat_reply"] = score_gguf(
-                path, plan, windows, dtype, scratch, entry.label, recipe.eval.max_new_tokens)
+            qualities, result["load_seconds"], result["chat_reply"] = score_gguf(
+                path, plan, held_out, dtype, scratch, entry.label, recipe.eval.max_new_tokens)
+            result["quality"], *conversations = qualities
+            result["conversations"] = conversations[0] if conversations else None
         except RuntimeFailed as err:
             result["problem"] = str(err)
         results.append(GGUFResult(**result))
@@ -600,36 +645,43 @@ def check_projector(export: Path, written: Projector | None, files: list[GGUFRes
         f"llama.cpp's mtmd loaded it without the {' and '.join(missing)} encoder the model has" if missing else None)})
 
 
-def save_reference_logits(model, windows: torch.Tensor, dtype: torch.dtype, scratch: Path) -> None:
-    """The unquantized model's logits per window, computing in `dtype`, into `scratch` for score_gguf."""
+def save_reference_logits(model, held_out: list[HeldOut], dtype: torch.dtype, scratch: Path) -> None:
+    """The unquantized model's logits per window of each set, computing in `dtype`, into `scratch` for score_gguf."""
     with computing_in(model, dtype):
-        for i, window in enumerate(tqdm(windows.split(1), desc=f"reference logits, {_name(dtype)}", leave=False)):
-            torch.save(_window_logits(model, window).float(), scratch / f"reference-{i}.pt")
+        for k, part in enumerate(held_out):
+            for i, window in enumerate(tqdm(part.windows.split(1), desc=f"reference logits, {_name(dtype)}, "
+                                            f"set {k + 1}", leave=False)):
+                torch.save(_window_logits(model, window).float(), scratch / f"reference-{k}-{i}.pt")
 
 
-def score_gguf(path: Path, plan: Plan, windows: torch.Tensor, dtype: torch.dtype, scratch: Path, label: str,
-               chat_tokens: int = 0) -> tuple[Quality, float, str | None]:
-    """One GGUF file loaded by llama.cpp and scored on `windows` against the reference logits in `scratch`
-    (save_reference_logits): its quality, load seconds, and with `chat_tokens` a greedy reply through the file's
-    own chat template. Raises RuntimeFailed with llama.cpp's reason."""
+def score_gguf(path: Path, plan: Plan, held_out: list[HeldOut], dtype: torch.dtype, scratch: Path, label: str,
+               chat_tokens: int = 0) -> tuple[list[Quality], float, str | None]:
+    """One GGUF file loaded by llama.cpp and scored on each held-out set against the reference logits in `scratch`
+    (save_reference_logits): its quality on each, load seconds, and with `chat_tokens` a greedy reply through the
+    file's own chat template. Raises RuntimeFailed with llama.cpp's reason."""
     from pipeline.gguf_export import has_chat_template
     from pipeline.runtimes import RUNTIMES
     from pipeline.runtimes.base import RuntimeFailed, this_machine
     from pipeline.runtimes.check import CHAT_MESSAGE
 
     runtime = RUNTIMES["llama.cpp"]
-    target = Target(export=path, plan=plan, config={"max_position_embeddings": windows.shape[1]}, kv_cache=None)
+    longest = max(part.windows.shape[1] for part in held_out)
+    target = Target(export=path, plan=plan, config={"max_position_embeddings": longest}, kv_cache=None)
     if reason := runtime.why_not(target, this_machine()):
         raise RuntimeFailed(reason)
     with runtime.running(target, scratch, scratch / "llama.log", 600) as session:
-        comparison = _Comparison()
-        for i, window in enumerate(tqdm(windows.split(1), desc=f"llama.cpp logits, {label}", leave=False)):
-            reference_logits = torch.load(scratch / f"reference-{i}.pt")
-            logits = session.logits(window)
-            vocab = logits.shape[-1]  # the converter drops table rows past the tokenizer's vocabulary
-            comparison.add(reference_logits[..., :vocab], logits, window)
+        qualities = []
+        for k, part in enumerate(held_out):
+            comparison = _Comparison()
+            for i, (window, scored) in enumerate(tqdm(list(part.split()), desc=f"llama.cpp logits, {label}, "
+                                                      f"set {k + 1}", leave=False)):
+                reference_logits = torch.load(scratch / f"reference-{k}-{i}.pt")
+                logits = session.logits(window)
+                vocab = logits.shape[-1]  # the converter drops table rows past the tokenizer's vocabulary
+                comparison.add(reference_logits[..., :vocab], logits, window, scored)
+            qualities.append(comparison.quality(dtype, part.windows))
         reply = session.chat(CHAT_MESSAGE, chat_tokens) if chat_tokens and has_chat_template(path) else None
-        return comparison.quality(dtype, windows), session.load_seconds, reply
+        return qualities, session.load_seconds, reply
 
 
 def gguf_sizes(export: Path, source_dir: Path | None, plan: Plan) -> MeasuredSizes:
@@ -663,6 +715,7 @@ def _write_verdict(run_dir: Path, manifest: Manifest, report: EvalReport, export
     (run_dir / EVAL_MD).write_text(render_markdown(report))
     manifest.status = "validated" if report.passed else "failed_validation"
     manifest.validation = ValidationRecord(passed=report.passed, failures=report.failures, quality=report.quality,
+                                           conversations=report.conversations and report.conversations.quality,
                                            serving=report.serving,
                                            export_files=export_files or manifest.validation.export_files)
     manifest.save(run_dir)
@@ -675,19 +728,27 @@ _QUALITY_ROWS = {"kl_mean": ("KL mean (unquantized ‖ quantized)", 5), "kl_p99"
                  "ppl_quantized": ("perplexity, quantized", 3), "ppl_ratio": ("perplexity ratio", 4)}
 
 
-def quality_table(report: EvalReport) -> list[str]:
+def quality_table(quality: Quality, served: Quality | None, floor: Floor | None) -> list[str]:
     """One column per measured figure: the quantization error (float32), as served (bf16) and bf16's own
     floor; or the one figure measured where float32 did not fit."""
-    if report.served is None:
-        columns = {f"both in {report.quality.dtype}": report.quality}
+    if served is None:
+        columns = {f"both in {quality.dtype}": quality}
     else:
-        columns = {"quantization error (both in float32)": report.quality, "as served (both in bf16)": report.served,
-                   "bf16's own floor (source in bf16 vs float32)": report.bf16_floor}
+        columns = {"quantization error (both in float32)": quality, "as served (both in bf16)": served,
+                   "bf16's own floor (source in bf16 vs float32)": floor}
     rows = [f"| metric | {' | '.join(columns)} |", "|---|" + "---:|" * len(columns)]
     for key, (label, digits) in _QUALITY_ROWS.items():
         values = [getattr(figures, key, None) for figures in columns.values()]
         rows.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in values) + " |")
     return rows
+
+
+def held_out_line(spec: HeldOutSpec, quality: Quality) -> str:
+    """What a set's figures were measured on."""
+    if spec.format == "messages":
+        return (f"Held-out conversations: {spec.source}, {quality.samples} conversations in the chat template, each "
+                f"cut at {quality.seq_len} tokens, scored on the assistant turns only ({quality.tokens:,} tokens).")
+    return f"Held-out text: {spec.source}, {quality.samples} windows × {quality.seq_len} tokens ({quality.tokens:,} scored)."
 
 
 def serving_lines(serving: Serving) -> list[str]:
@@ -714,16 +775,21 @@ def serving_lines(serving: Serving) -> list[str]:
 
 def gguf_table(report: EvalReport) -> list[str]:
     """Each GGUF file as llama.cpp scored it against the unquantized model in transformers."""
-    scored = next((g.quality for g in report.gguf if g.quality), None)
-    lines = [f"GGUF files in llama.cpp against the unquantized model in transformers ({scored.dtype}), held-out text: "
-             f"{report.eval.source}, {scored.samples} windows × {scored.seq_len} tokens." if scored else
-             "GGUF files in llama.cpp: none was scored.", "",
-             "| file | type | bytes | bits per weight | KL mean | KL p99 | top-1 | PPL ratio | chat reply |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    scored = next((g for g in report.gguf if g.quality), None)
+    conversations = report.eval.conversations
+    lines = [f"GGUF files in llama.cpp against the unquantized model in transformers ({scored.quality.dtype}). "
+             + held_out_line(report.eval, scored.quality) + (
+                 f" {held_out_line(conversations, scored.conversations)}" if scored.conversations else "")
+             if scored else "GGUF files in llama.cpp: none was scored.", "",
+             "| file | type | bytes | bits per weight | KL mean | KL p99 | top-1 | PPL ratio | "
+             + ("conversations: KL mean | conversations: top-1 | " if conversations else "") + "chat reply |",
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if conversations else "") + "---|"]
     for g in report.gguf:
-        q = g.quality
+        q, c = g.quality, g.conversations
         figures = (f"{q.kl_mean:.5f} | {q.kl_p99:.5f} | {q.top1_agreement:.4f} | {q.ppl_ratio:.4f}" if q
                    else f"not measured: {g.problem} | | |")
+        if conversations:
+            figures += f" | {c.kl_mean:.5f} | {c.top1_agreement:.4f}" if c else " | |"
         lines.append(f"| `{g.file}` | {g.label} | {g.bytes:,} | {g.bits_per_weight:.2f} | {figures} | "
                      f"{'' if g.chat_reply is None else repr(g.chat_reply)} |")
     if (projector := report.projector) is not None:
@@ -735,10 +801,12 @@ def gguf_table(report: EvalReport) -> list[str]:
 
 
 def render_markdown(report: EvalReport) -> str:
-    q, s = report.quality, report.sizes
-    quality = ([f"Held-out text: {report.eval.source}, {q.samples} windows × {q.seq_len} tokens ({q.tokens:,} scored).",
-                "", *quality_table(report)] if q else gguf_table(report) if report.gguf
-               else [f"Quality not measured: {'; '.join(report.load_problems)}"])
+    q, s, c = report.quality, report.sizes, report.conversations
+    quality = ([held_out_line(report.eval, q), "", *quality_table(q, report.served, report.bf16_floor)] if q
+               else gguf_table(report) if report.gguf else [f"Quality not measured: {'; '.join(report.load_problems)}"])
+    if c:
+        quality += ["", held_out_line(report.eval.conversations, c.quality), "",
+                    *quality_table(c.quality, c.served, c.bf16_floor)]
     lines = [
         f"# Validation: {report.model_id}, {report.scheme}", "",
         *quality, "", "| size | value |", "|---|---|",

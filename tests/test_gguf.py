@@ -44,10 +44,11 @@ def _gguf_beside(root, common: str, twin: str, twin_fields: str):
 
 @pytest.fixture(scope="module")
 def gguf_runs(tmp_path_factory):
-    """One tiny E2B text-only RTN W4A16 g32 run exported as GGUF, and the same recipe as compressed-tensors."""
+    """One tiny E2B text-only RTN W4A16 g32 run exported as GGUF, scored on held-out text and conversations, and
+    the same recipe as compressed-tensors."""
     needs_llama_cpp()
     common = "model: tiny:e2b\nscheme: W4A16\ngroup_size: 32\nmodalities: text\ncalibration: {samples: 4, seq_len: 64}\n" \
-             "eval: {samples: 2, seq_len: 64, max_new_tokens: 4}\n"
+             "eval: {samples: 2, seq_len: 64, max_new_tokens: 4, conversations: {samples: 2, seq_len: 64}}\n"
     return _gguf_beside(tmp_path_factory.mktemp("gguf"), common, "ct", "")
 
 
@@ -59,6 +60,7 @@ def test_every_file_loads_in_llama_cpp_and_is_scored(gguf_runs):
     for label, result in files.items():
         assert (gguf_runs / "gguf" / "export" / result["file"]).is_file()
         assert result["problem"] is None and result["quality"]["tokens"] == 2 * 64, label
+        assert 0 < result["conversations"]["tokens"] < 2 * 64, label  # the assistant turns only
     kl = {label: r["quality"]["kl_mean"] for label, r in files.items()}
     # llama.cpp computes the BF16 file as transformers does (to bf16's rounding); fewer bits, further away
     assert files["BF16"]["quality"]["top1_agreement"] >= 0.99 and kl["BF16"] < kl["Q8_0"] / 5 < kl["RTN-Q4_0"] / 5
@@ -324,5 +326,8 @@ def test_a_gguf_build_is_published_whole_and_its_card_shows_each_file(gguf_runs,
     report = json.loads((run / "eval.json").read_text())
     for result in report["gguf"]:
         q = result["quality"]
+        c = result["conversations"]
         assert f"| `{result['file']}` | {result['label']} |" in card and f"{q['kl_mean']:.5f}" in card
+        assert f"| {q['ppl_ratio']:.4f} | {c['kl_mean']:.5f} | {c['top1_agreement']:.4f} |" in card
+    assert "| PPL ratio | conversations: KL mean | conversations: top-1 |" in card
     assert "llama-server -m tiny-e2b-RTN-Q4_0.gguf" in card and "Not run here: Ollama" in card

@@ -68,16 +68,17 @@ def test_three_figures_of_a_model_against_itself_are_zero_but_bf16_s_floor(tmp_p
     from transformers import AutoTokenizer
 
     from pipeline.model import ModelSpec, load_config, load_model, resolve
-    from pipeline.validate import compare_models
+    from pipeline.validate import HeldOut, compare_models
 
     source = resolve(ModelSpec(id="tiny:e2b"))
     config = load_config(source)
     tokenizer = AutoTokenizer.from_pretrained(source.ref)
     windows = token_windows(tokenizer, builtin_texts("eval"), 2, 32)
-    compared = compare_models(lambda: load_model(source, config), lambda: load_model(source, config), windows,
-                              tmp_path, tokenizer, ["Water boils at"], 4, (torch.bfloat16, torch.float32),
-                              torch.float32)
-    error, served, floor = compared.quality[torch.float32], compared.quality[torch.bfloat16], compared.bf16_floor
+    compared = compare_models(lambda: load_model(source, config), lambda: load_model(source, config),
+                              [HeldOut.text(windows)], tmp_path, tokenizer, ["Water boils at"], 4,
+                              (torch.bfloat16, torch.float32), torch.float32)
+    [figures] = compared.figures
+    error, served, floor = figures.quality[torch.float32], figures.quality[torch.bfloat16], figures.bf16_floor
     assert (error.kl_mean, served.kl_mean, error.top1_agreement, served.top1_agreement) == (0, 0, 1, 1)
     bf16_model, fp32_model = load_model(source, config), load_model(source, config, dtype=torch.float32)
     kls = []
