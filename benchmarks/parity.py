@@ -154,7 +154,9 @@ def llmcompressor_gptq(bench: Bench):
 
 def auto_round(bench: Bench, **settings):
     """auto-round's own `AutoRound(...).quantize()` with `settings` (iters=0: its optimized RTN); the
-    weights it leaves on its grids."""
+    weights it leaves on its grids. In float32 as every model here: on a CPU with bf16 (AMX, avx512_bf16)
+    auto-round's default `amp` tunes in BF16 autocast, which made its loop 1.5x faster than in float32 and its
+    KL 0.636 against 0.628 (16 x 256, benchmarks/RESULTS.md)."""
     from auto_round import AutoRound
 
     from pipeline.quantize.autoround_backend import auto_round_scope
@@ -163,7 +165,8 @@ def auto_round(bench: Bench, **settings):
         rounder = AutoRound(copy.deepcopy(bench.source_model), tokenizer=bench.tokenizer, bits=4,
                             group_size=bench.group_size, sym=True, nsamples=len(bench.calibration),
                             seqlen=bench.calibration.shape[1], dataset=[w[None] for w in bench.calibration],
-                            layer_config={"lm_head": {"bits": 16}}, enable_torch_compile=False, **settings)
+                            layer_config={"lm_head": {"bits": 16}}, enable_torch_compile=False, amp=False,
+                            **settings)
         rounder.quantize()
     model = with_weights(bench, {m.name: rounder.model.get_submodule(m.name).weight.data
                                  for m in bench.plan.quantized})

@@ -173,10 +173,11 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
 # auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times the BF16
 # bytes of the weights it is given at once (measured 12.3-13.4x on 2k-8k x 2k-8k weights at g32-g128;
 # tests/test_memory.py). The block driver gives it row chunks of at most this many weights, which give the
-# same scales: on a CPU, chunks that stay in cache (3.7 MB held instead of 14x the module, and 0.55 s of CPU
-# instead of 0.64 s on a 2048 x 640 weight, one thread); on a GPU, chunks that bound the transient.
+# same scales: on a CPU, chunks that stay in cache (15 MB held instead of 14x the module; the 270M's first
+# three layers searched in 5.1 s instead of 10.5 s, 2 cores, benchmarks/RESULTS.md); on a GPU, chunks that
+# bound the transient.
 SCALE_SEARCH_FACTOR = 14
-SEARCH_CHUNK_ELEMENTS = {"cpu": 1 << 17, "gpu": 1 << 24}
+SEARCH_CHUNK_ELEMENTS = {"cpu": 1 << 19, "gpu": 1 << 24}
 
 
 def solver_state_bytes(plan: Plan, recipe: Recipe, on_gpu: bool = False) -> int:

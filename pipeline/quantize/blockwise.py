@@ -293,6 +293,11 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     lr = options.lr or 1.0 / options.iters
     dtype = next(layer.parameters()).dtype
     layer.float()  # tuning runs in float32; the block returns to its dtype once quantized
+    # Only the rounding offsets and scale factors learn, as auto-round freezes the model's own parameters:
+    # a gradient for every weight of the block doubled the backward (benchmarks/RESULTS.md, profile).
+    learning = [p for p in layer.parameters() if p.requires_grad]
+    for p in learning:
+        p.requires_grad_(False)
     inputs = [LayerInputs(_cast(r.args, torch.float32), _cast(r.kwargs, torch.float32), r.shares_kv)
               for r in cal.inputs[index]]
     wrapped = {}
@@ -341,6 +346,8 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
             optimizer.step()
             schedule.step()
     unwrapper_block(layer, best)
+    for p in learning:
+        p.requires_grad_(True)
     layer.to(dtype)
     results = {}
     for name, module in targets.items():
