@@ -294,7 +294,7 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     dtype = next(layer.parameters()).dtype
     layer.float()  # tuning runs in float32; the block returns to its dtype once quantized
     # Only the rounding offsets and scale factors learn, as auto-round freezes the model's own parameters:
-    # a gradient for every weight of the block doubled the backward (benchmarks/RESULTS.md, profile).
+    # a gradient for every weight of the block cost 10 % of the backward (benchmarks/RESULTS.md, profile).
     learning = [p for p in layer.parameters() if p.requires_grad]
     for p in learning:
         p.requires_grad_(False)
