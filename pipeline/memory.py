@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES, SEARCH_CHUNK_ELEMENTS
 from pipeline.compute import ComputeDtype, host_compute_dtype
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
@@ -172,12 +172,8 @@ def calibration_state_bytes(recipe: Recipe, text_config) -> int:
 
 # auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times the BF16
 # bytes of the weights it is given at once (measured 12.3-13.4x on 2k-8k x 2k-8k weights at g32-g128;
-# tests/test_memory.py). The block driver gives it row chunks of at most this many weights, which give the
-# same scales: on a CPU, chunks that stay in cache (15 MB held instead of 14x the module; the 270M's first
-# three layers searched in 5.1 s instead of 10.5 s, 2 cores, benchmarks/RESULTS.md); on a GPU, chunks that
-# bound the transient.
+# tests/test_memory.py); the block driver gives it row chunks (pipeline/algorithms.py SEARCH_CHUNK_ELEMENTS).
 SCALE_SEARCH_FACTOR = 14
-SEARCH_CHUNK_ELEMENTS = {"cpu": 1 << 19, "gpu": 1 << 24}
 
 
 def solver_state_bytes(plan: Plan, recipe: Recipe, on_gpu: bool = False) -> int:

@@ -192,7 +192,8 @@ def test_the_scale_search_holds_no_more_than_the_memory_plan_counts(write_recipe
     """auto-round's optimized-RTN search, which opt-rtn and GPTQ's imatrix grid run module by module, measured
     in a process of its own against the factor the memory plan counts: on a GPU's chunk (here the whole
     2^24-weight module), and in the CPU's chunks, which hold less than the module's own bytes."""
-    from pipeline.memory import SCALE_SEARCH_FACTOR, SEARCH_CHUNK_ELEMENTS
+    from pipeline.algorithms import SEARCH_CHUNK_ELEMENTS
+    from pipeline.memory import SCALE_SEARCH_FACTOR
 
     def held(chunk: int) -> float:
         done = subprocess.run([sys.executable, "-c", SEARCH_PEAK, str(rows), str(cols), str(group), str(chunk)],

@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES, SEARCH_CHUNK_ELEMENTS
 from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
-from pipeline.memory import SEARCH_CHUNK_ELEMENTS
 from pipeline.overrides import WeightScheme
 from pipeline.plan import Plan
 from pipeline.quantize.grids import QuantizedWeight, from_autoround, weight_args
@@ -268,7 +267,7 @@ def searched_qparams(weight: torch.Tensor, scheme: WeightScheme, importance: tor
         raise ValueError("the importance-weighted scale search is symmetric only (auto-round's "
                          "quant_tensor_opt_rtn_sym)")
     # auto-round's search sweeps the weight 200 times, a dozen temporaries its size each time. Every group
-    # is searched on its own: row chunks give the same scales (pipeline/memory.py, SEARCH_CHUNK_ELEMENTS).
+    # is searched on its own: row chunks give the same scales (pipeline/algorithms.py, SEARCH_CHUNK_ELEMENTS).
     chunk_elements = chunk_elements or SEARCH_CHUNK_ELEMENTS["cpu" if weight.device.type == "cpu" else "gpu"]
     chunk_rows = max(1, chunk_elements // weight.shape[1])
     scale = torch.cat([quant_tensor_opt_rtn_sym(chunk.float(), bits=scheme.bits, group_size=scheme.group_size or -1,
