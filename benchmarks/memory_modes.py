@@ -13,7 +13,12 @@ Models: on CPU a tiny 31B-shaped Gemma 4 widened (`--hidden`) so the model stand
 own memory. With a GPU, `--full e2b 31b` builds full-size random-weight sources from the bundled configs
 (meta device, then materialized) and runs the same passes with a GPU budget that forces layer onloading.
 
+The memory plan against measured peaks (`--calibrated [RECIPE ...]`): the shipped calibrated 270M recipes on
+real weights, each quantize stage in its own process, peak RSS and sampled peak anonymous RSS against the
+plan's host need.
+
     .venv/bin/python benchmarks/memory_modes.py [--hidden 1536] [--full e2b 31b] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/memory_modes.py --calibrated [gemma3-270m-w4a16-autoround]
 """
 
 from __future__ import annotations
@@ -37,21 +42,34 @@ CHILD = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    import torch
+    def status(field):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+    def rss():
+        return status("VmRSS:")
+    import threading
+    anonymous = [0]  # peak anonymous RSS, sampled: the mmapped weight files are file-backed pages, reclaimable
+    def sample():
+        while True:
+            anonymous[0] = max(anonymous[0], status("RssAnon:"))
+            time.sleep(0.05)
+    threading.Thread(target=sample, daemon=True).start()
+    import torch, transformers, llmcompressor, auto_round  # the libraries' own resident size, before any model
     kind, recipe, budget = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    libraries, libraries_anonymous, planned = rss(), status("RssAnon:"), None
     start = time.perf_counter()
     if kind == "ours":
         from pipeline.recipe import MemorySpec
         from pipeline.run import quantize_run
         manifest = quantize_run(recipe, validate=False, card=False, reload_check=False,
                                 memory=MemorySpec(**budget))
-        mode = manifest.memory.mode
+        mode, planned = manifest.memory.mode, manifest.memory.needs
     else:  # the raw library call a publisher would write, with the same scheme and ignore list
         sys.path.insert(0, "benchmarks")
         from memory_modes import raw_llmcompressor
         mode = raw_llmcompressor(recipe)
     print(json.dumps({"mode": mode, "seconds": time.perf_counter() - start,
-                      "peak_rss": peak_rss(),
+                      "peak_rss": peak_rss(), "libraries_rss": libraries, "planned": planned,
+                      "peak_anonymous": anonymous[0], "libraries_anonymous": libraries_anonymous,
                       "peak_gpu": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}))
 """)
 
@@ -152,6 +170,26 @@ def bench_model(label: str, source: Path, work: Path, on_gpu: bool, only: list[s
     return rows
 
 
+CALIBRATED_270M = ("gemma3-270m-w4a16-gptq", "gemma3-270m-w4a16-opt-rtn", "gemma3-270m-w4a16-autoround")
+
+
+def calibrated_passes(work: Path, names) -> list[str]:
+    """The memory plan's host need for each shipped calibrated 270M recipe (real weights) against the peak
+    RSS its quantize stage measures, less what the libraries hold resident before any model loads (the plan
+    counts the run's own bytes: weights, export, calibration state, solver and activations)."""
+    rows = []
+    for name in names:
+        recipe = work / f"{name}.yaml"
+        recipe.write_text((ROOT / "recipes" / f"{name}.yaml").read_text() + f"\noutput_dir: {work / name}\n")
+        r = measure("ours", recipe, {})
+        planned = r["planned"]["all_at_once_host"]
+        run, anonymous = r["peak_rss"] - r["libraries_rss"], r["peak_anonymous"] - r["libraries_anonymous"]
+        rows.append(f"| {name} | {r['seconds']:.0f} | {planned / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} | "
+                    f"{r['libraries_rss'] / 2**20:.0f} | {run / 2**20:.0f} ({run / planned:.2f}×) | "
+                    f"{anonymous / 2**20:.0f} ({anonymous / planned:.2f}×) |")
+    return rows
+
+
 def main() -> None:
     import torch
 
@@ -160,10 +198,20 @@ def main() -> None:
     parser.add_argument("--full", nargs="*", default=[], help="full-size variants (GPU machine): e2b 31b")
     parser.add_argument("--passes", nargs="*", default=[],
                         help="subset to run: rtn-w8a16 rtn-w4a16 autoround-w4a16 (default: all)")
+    parser.add_argument("--calibrated", nargs="*", default=None, metavar="RECIPE",
+                        help="instead: the memory plan against measured peaks, shipped calibrated 270M recipes "
+                             f"(default: {' '.join(CALIBRATED_270M)})")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    if args.calibrated is not None:
+        lines = [f"## The memory plan against measured peaks: calibrated passes, Gemma 3 270M, CPU ({os.cpu_count()} "
+                 "cores), one run", "",
+                 "| recipe | seconds | plan: host need MiB | peak RSS MiB | libraries resident MiB | "
+                 "peak − libraries MiB (× plan) | anonymous peak − libraries' MiB (× plan) |",
+                 "|---|---:|---:|---:|---:|---:|---:|", *calibrated_passes(work, args.calibrated or CALIBRATED_270M), ""]
+        return _report(lines, args.out)
     rows = []
     source = random_source("31b", work / "wide-31b", args.hidden)
     bf16 = sum(p.stat().st_size for p in source.glob("*.safetensors"))
@@ -175,10 +223,14 @@ def main() -> None:
     lines = [f"## Memory modes: all-at-once vs sequential, {device}, one run", "",
              "| model | pass | path (mode) | seconds | × all-at-once | peak RSS MiB | × all-at-once | peak GPU GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|", *rows, ""]
+    _report(lines, args.out)
+
+
+def _report(lines: list[str], out: Path | None) -> None:
     print("\n".join(lines))
-    if args.out:
-        text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-        args.out.write_text(text.rstrip("\n") + "\n\n`benchmarks/memory_modes.py`\n\n" + "\n".join(lines))
+    if out:
+        text = out.read_text() if out.exists() else "# Benchmarks\n"
+        out.write_text(text.rstrip("\n") + "\n\n`benchmarks/memory_modes.py`\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

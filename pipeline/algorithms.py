@@ -79,9 +79,9 @@ class Algorithm:
 
 BLOCK_DRIVER = "pipeline.quantize.blockwise_backend:BlockwiseBackend"
 # The block driver's error record (the manifest's; never an input to the algorithms) is measured on the
-# first batches only where the algorithm fits no block outputs: the unquantized chain and the RTN baseline
+# first samples only where the algorithm fits no block outputs: the unquantized chain and the RTN baseline
 # then cost 2 x 4 / samples of a chain pass instead of two whole passes (profile: benchmarks/RESULTS.md).
-BLOCK_ERROR_BATCHES = 4
+BLOCK_ERROR_SAMPLES = 4
 # The scale search (opt-rtn, GPTQ's imatrix grid) runs on row chunks of at most this many weights, which
 # give the same scales: on a CPU, chunks that stay in cache (15 MB held instead of 14x the module; the
 # 270M's first three layers searched in 5.1 s instead of 10.5 s, 2 cores, benchmarks/RESULTS.md); on a

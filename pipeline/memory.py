@@ -26,7 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES, SEARCH_CHUNK_ELEMENTS
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_SAMPLES, SEARCH_CHUNK_ELEMENTS
+from pipeline.allocator import return_freed_memory
 from pipeline.compute import ComputeDtype, host_compute_dtype
 from pipeline.plan import Plan
 from pipeline.recipe import MemorySpec, Recipe, RecipeError
@@ -64,7 +65,8 @@ class MemoryPlan(BaseModel):
     largest_layer_bytes: int
     largest_layer_export_bytes: int  # its quantized copy, held beside it while it is quantized
     activation_bytes: int  # one forward of the probe or one calibration batch
-    calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains, on the host
+    chain_batch: int = 1  # calibration samples per forward of the block driver's chains
+    calibration_state_bytes: int  # the block driver's recorded layer inputs and two chains
     solver_state_bytes: int = 0  # what the calibrated algorithm holds for the block it solves
     table_stage_bytes: int = 0  # the quantized token tables' stage, on the host (pipeline/tables.py)
     needs: dict[str, int]  # cpu/gpu need of each mode
@@ -80,8 +82,10 @@ class MemoryPlan(BaseModel):
         table.add_column("bytes", justify="right")
         rows = [("whole model, BF16", self.model_bf16_bytes), ("non-layer parts (always resident)", self.non_layer_bytes),
                 (f"largest decoder layer ({self.largest_layer}) of {len(self.layer_bytes)}", self.largest_layer_bytes),
-                ("its quantized copy", self.largest_layer_export_bytes), ("activations", self.activation_bytes),
-                ("calibration state (host)", self.calibration_state_bytes),
+                ("its quantized copy", self.largest_layer_export_bytes),
+                (f"activations (chains: {self.chain_batch} sample{'s' if self.chain_batch > 1 else ''} a forward)",
+                 self.activation_bytes),
+                ("calibration state (the block driver's chains and recorded inputs)", self.calibration_state_bytes),
                 ("solver state of one block", self.solver_state_bytes),
                 ("token tables: untied head, packing (host)", self.table_stage_bytes)]
         rows += [(f"need: {name.replace('_', ' ')}", value) for name, value in self.needs.items()]
@@ -132,12 +136,24 @@ def resolve_budget(spec: MemorySpec, overrides: MemorySpec | None = None) -> tup
     return cpu, gpus, source
 
 
+def sample_forward_bytes(recipe: Recipe, text_config) -> int:
+    """FP32 activations of one calibration sample through one block: hidden states, MLP intermediate,
+    attention scores."""
+    fields = text_config.to_dict()  # per-layer attributes refuse a global read; the dict has them all
+    hidden, seq = fields["hidden_size"], recipe.calibration.seq_len
+    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
+    if fields.get("use_double_wide_mlp"):
+        intermediate *= 2
+    return seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
+
+
 def activation_bytes(recipe: Recipe, text_config) -> int:
     """FP32 activations of one forward: the probe's logits (every run), or one calibration sample
-    through one block (hidden, MLP intermediate, attention scores)."""
+    through one block with its gradients (a chain batch of more samples is sized into what is left:
+    `chain_batch_size`)."""
     from pipeline.reload import PROBE_SEQUENCES, PROBE_TOKENS
 
-    fields = text_config.to_dict()  # per-layer attributes refuse a global read; the dict has them all
+    fields = text_config.to_dict()
     hidden, vocab = fields["hidden_size"], fields["vocab_size"]
     intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
     if fields.get("use_double_wide_mlp"):
@@ -145,29 +161,34 @@ def activation_bytes(recipe: Recipe, text_config) -> int:
     probe = PROBE_SEQUENCES * PROBE_TOKENS
     need = probe * (vocab * 3 + 4 * hidden + 2 * intermediate) * 4
     if recipe.calibrated:
-        seq = recipe.calibration.seq_len
-        per_sample = seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
         # AutoRound/GPTQ keep the block's inputs, outputs and gradients; AutoRound of its picked batches at once
         joined = min(recipe.autoround.batch_size, recipe.calibration.samples) if recipe.algorithm == "autoround" else 1
-        need = max(need, 3 * per_sample * joined)
+        need = max(need, 3 * sample_forward_bytes(recipe, text_config) * joined)
     return need
 
 
-def calibration_state_bytes(recipe: Recipe, text_config) -> int:
-    """The block driver's host-side state: both chains' hidden states (the unquantized one on every
-    sample only for AutoRound) and the recorded layer inputs (PLE slices, rotary tables, masks)."""
+def calibration_state_bytes(recipe: Recipe, text_config) -> tuple[int, int]:
+    """The block driver's state: both chains' hidden states (the unquantized one on every sample only
+    for AutoRound), and the recorded layer inputs of every layer (PLE slices, rotary tables, masks)."""
     if not recipe.calibrated:
-        return 0
+        return 0, 0
     samples, seq = recipe.calibration.samples, recipe.calibration.seq_len
     fields = text_config.to_dict()  # head_dim may vary per layer: the config refuses a global read
     layers = fields["num_hidden_layers"]
     ple = fields.get("hidden_size_per_layer_input") or 0
     head = max(fields.get("head_dim") or 0, fields.get("global_head_dim") or 0)
-    reference = samples if ALGORITHMS[recipe.algorithm].fits_block_outputs else min(samples, BLOCK_ERROR_BATCHES)
+    reference = samples if ALGORITHMS[recipe.algorithm].fits_block_outputs else min(samples, BLOCK_ERROR_SAMPLES)
     chains = (samples + reference) * seq * fields["hidden_size"] * 2
     # each layer's own PLE slice; the rotary tables and masks are one tensor per layer type, shared
     recorded = samples * (layers * seq * ple * 2 + 2 * (seq * head * 2 * 4 + seq * seq))
-    return chains + recorded
+    return chains, recorded
+
+
+def chain_batch_size(recipe: Recipe, text_config, activations: int, free: int) -> int:
+    """Calibration samples per chain forward on a GPU: as many as the activations already counted and the
+    device's headroom hold, so a block's chains are a few wide forwards instead of one per sample."""
+    per_sample = sample_forward_bytes(recipe, text_config)
+    return max(1, min(recipe.calibration.samples, (activations + max(free, 0)) // per_sample))
 
 
 # auto-round's quant_tensor_opt_rtn_sym, which the scale search runs, holds up to this many times the BF16
@@ -207,20 +228,24 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
     largest_export = max(plan.layer_bytes(export=True).values())
     non_layer = plan.bf16_bytes - sum(layers.values())
     act = activation_bytes(recipe, text_config)
-    state = calibration_state_bytes(recipe, text_config)
+    chains, recorded = calibration_state_bytes(recipe, text_config)
+    state = chains + recorded
     on_gpu = bool(gpu_budgets)
     solver = solver_state_bytes(plan, recipe, on_gpu)
     one_layer = layers[largest] + largest_export
     working = act + solver  # where the blocks are solved: the GPU when there is one, else the host
     tables = table_stage_bytes(plan)  # after the pass, on the host: at most its working set or this
     host_working = max(0 if on_gpu else working, tables)
+    # All at once, the export is built whole beside the model (the compressor's state dict, the packed or
+    # GGUF tensors): measured on the 270M (benchmarks/RESULTS.md, the memory plan against measured peaks).
     needs = {
-        "all_at_once_host": plan.bf16_bytes + largest_export + state + host_working,
+        "all_at_once_host": plan.bf16_bytes + plan.export_bytes + state + host_working,
         "sequential_host": non_layer + one_layer + state + host_working,
     }
-    if on_gpu:
-        needs["all_at_once_gpu"] = plan.bf16_bytes + working
-        needs["sequential_gpu"] = non_layer + one_layer + working
+    if on_gpu:  # the block driver's state where its blocks run: all of it, or one layer's onloaded with its block
+        layer_count = len(layers)
+        needs["all_at_once_gpu"] = plan.bf16_bytes + working + state
+        needs["sequential_gpu"] = non_layer + one_layer + working + chains + recorded // layer_count
     fields = dict(cpu_budget_bytes=cpu_budget, gpu_budget_bytes=gpu_budgets, budget_source=budget_source,
                   model_bf16_bytes=plan.bf16_bytes, non_layer_bytes=non_layer, layer_bytes=layers,
                   largest_layer=largest, largest_layer_bytes=layers[largest],
@@ -264,9 +289,16 @@ def plan_memory(plan: Plan, recipe: Recipe, text_config, cpu_budget: int, gpu_bu
                 f"layer: sequential needs {human(needs['sequential_gpu'])} on one GPU "
                 f"(all-at-once {human(needs['all_at_once_gpu'])} over all); a budget of at least "
                 f"{human(needs['sequential_gpu'])} would fit")
+    # On a CPU one sample per forward: wider chain batches measured no faster there (benchmarks/RESULTS.md).
+    chain_batch = 1
+    if recipe.calibrated and gpu == "whole-model":  # the headroom spread over the GPUs, as accelerate spreads the layers
+        chain_batch = chain_batch_size(recipe, text_config, act, (sum(gpu_budgets) - needs["all_at_once_gpu"])
+                                       // len(gpu_budgets))
+    elif recipe.calibrated and gpu == "per-layer":  # layers onload to the first GPU
+        chain_batch = chain_batch_size(recipe, text_config, act, gpu_budgets[0] - needs["sequential_gpu"])
     mode = "all-at-once" if host == "resident" and gpu in ("none", "whole-model") else "sequential"
     float32_fits = fits_float32(host, gpu, needs, plan, cpu_budget, gpu_budgets)
-    return MemoryPlan(mode=mode, host=host, gpu=gpu, float32_fits=float32_fits,
+    return MemoryPlan(mode=mode, host=host, gpu=gpu, float32_fits=float32_fits, chain_batch=chain_batch,
                       compute_dtype=measuring_dtype(gpu, float32_fits), **fields)
 
 
@@ -308,22 +340,6 @@ def device_map(meta_model, memory: MemoryPlan) -> dict[str, int | str]:
                                                        - memory.largest_layer_bytes), 0)
     return infer_auto_device_map(meta_model, max_memory=max_memory, dtype="bfloat16",
                                  no_split_module_classes=list(getattr(meta_model, "_no_split_modules", None) or []))
-
-
-def return_freed_memory(threshold: int = 128 * 1024) -> bool:
-    """Make glibc serve every allocation above `threshold` with its own mmap, returned to the system when
-    freed. Its default threshold grows up to 32 MiB as large blocks are freed, after which each onloaded
-    layer lands in the heap and stays in the process's RSS when released: measured on a 342 MiB model,
-    sequential's peak anonymous RSS grew by ~270 MiB over one probe forward, and by ~5 MiB with this.
-    No-op (False) off glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def load_within(memory: MemoryPlan, source, config, offload_dir: Path, dtype=None):

@@ -37,7 +37,7 @@ class QuantizeReport(BaseModel):
     """What a quantize pass measured, for the manifest (empty for the RTN passes)."""
 
     block_errors: list[BlockError] = []
-    error_batches: int | None = None  # the calibration batches the block errors are measured on
+    error_batches: int | None = None  # the calibration samples the block errors are measured on
     resumed_blocks: list[int] = []  # blocks read back from an interrupted run's checkpoints
     qat_repack: RepackReport | None = None
     # ||W - Q(W)|| / ||W|| per layer type, where the run had an unquantized copy to compare with (the sweep)

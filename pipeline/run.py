@@ -418,7 +418,7 @@ def build_candidate(recipe: Recipe, recipe_path: Path, run_dir: Path, candidate:
                               dropped_params=text_only.dropped_towers(load_config(planned.source))
                               if text_only.wanted(recipe) else {}),
         memory=MemoryRecord(mode=planned.memory.mode, host=planned.memory.host, gpu=planned.memory.gpu,
-                            needs=planned.memory.needs),
+                            needs=planned.memory.needs, chain_batch=planned.memory.chain_batch),
     )
     manifest.save(candidate)
     return manifest

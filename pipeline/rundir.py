@@ -126,6 +126,7 @@ class MemoryRecord(_Record):
     host: Literal["resident", "disk-offload"]
     gpu: Literal["none", "whole-model", "per-layer"]
     needs: dict[str, int]
+    chain_batch: int = 1  # calibration samples per forward of the block driver's chains
 
 
 class ValidationRecord(_Record):

@@ -53,9 +53,10 @@ def test_memory_plan_numbers_are_the_plans(write_recipe):
     assert memory.model_bf16_bytes == plan.bf16_bytes == memory.non_layer_bytes + sum(by_layer.values())
     assert memory.largest_layer_bytes == max(by_layer.values()) == by_layer[memory.largest_layer]
     assert memory.largest_layer_export_bytes == max(plan.layer_bytes(export=True).values())
-    # all-at-once holds every layer, sequential one: the difference is the other layers' bytes
+    # all-at-once holds every layer and builds the whole export beside them, sequential one layer and its export
     others = sum(by_layer.values()) - memory.largest_layer_bytes
-    assert memory.needs["all_at_once_host"] - memory.needs["sequential_host"] == others
+    assert memory.needs["all_at_once_host"] - memory.needs["sequential_host"] == \
+        others + plan.export_bytes - memory.largest_layer_export_bytes
     assert memory.mode == "all-at-once" and memory.host == "resident"
 
 
@@ -73,6 +74,40 @@ def test_budget_between_modes_chooses_sequential_and_too_small_is_refused(write_
     _, tuned_roomy = _memory_plan(tuned)
     with pytest.raises(MemoryBudgetError, match="only RTN through llmcompressor exported as compressed-tensors"):
         _memory_plan(tuned, tuned_roomy.needs["all_at_once_host"] - 1)
+
+
+def test_chain_batches_fill_the_gpu_headroom_and_stay_single_on_a_cpu(write_recipe):
+    """On a GPU the chains run as many samples per forward as the device's headroom holds, beside the block
+    driver's state, which the GPU needs count where the blocks run; on a CPU one sample per forward."""
+    from pipeline.memory import sample_forward_bytes
+
+    path = write_recipe(model="tiny:31b", scheme="W4A16", algorithm="gptq", calibration={"samples": 64, "seq_len": 64})
+    recipe = load_recipe(path)
+    _, config, plan = make_plan(recipe, path)
+    text = config.get_text_config()
+
+    def gpu_plan(budgets, cpu=10**12):
+        return plan_memory(plan, recipe, text, cpu, budgets, {"cpu": "recipe", "gpu": "recipe"}, path)
+
+    assert _memory_plan(path)[1].chain_batch == 1
+    roomy = gpu_plan([10**12])
+    assert roomy.gpu == "whole-model" and roomy.chain_batch == 64  # every sample in one forward
+    assert roomy.needs["all_at_once_gpu"] == (plan.bf16_bytes + roomy.activation_bytes + roomy.solver_state_bytes
+                                              + roomy.calibration_state_bytes)
+    per_sample = sample_forward_bytes(recipe, text)
+    for extra in (0, 5):  # headroom for the counted activations and `extra` samples more
+        budget = roomy.needs["all_at_once_gpu"] + extra * per_sample + per_sample // 2
+        fitted = gpu_plan([budget])
+        assert fitted.chain_batch == (roomy.activation_bytes + extra * per_sample + per_sample // 2) // per_sample
+        assert fitted.chain_batch * per_sample <= budget - fitted.needs["all_at_once_gpu"] + fitted.activation_bytes
+    # two GPUs: the headroom is shared between them
+    assert gpu_plan([roomy.needs["all_at_once_gpu"] // 2 + 4 * per_sample + per_sample // 2] * 2).chain_batch == \
+        (roomy.activation_bytes + 4 * per_sample + per_sample // 2) // per_sample
+    # a GPU below the whole model onloads layers: one layer's recorded inputs and the chains go with it
+    one_layer = gpu_plan([roomy.needs["sequential_gpu"] + 3 * per_sample])
+    assert one_layer.gpu == "per-layer" and one_layer.chain_batch == (roomy.activation_bytes + 3 * per_sample) // per_sample
+    assert roomy.needs["sequential_gpu"] > roomy.non_layer_bytes + roomy.largest_layer_bytes \
+        + roomy.largest_layer_export_bytes + roomy.activation_bytes + roomy.solver_state_bytes
 
 
 def test_solver_state_is_what_gptq_allocates_for_its_heaviest_block(write_recipe, monkeypatch, tmp_path):

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_BATCHES, SEARCH_CHUNK_ELEMENTS
+from pipeline.algorithms import ALGORITHMS, BLOCK_ERROR_SAMPLES, SEARCH_CHUNK_ELEMENTS
+from pipeline.allocator import trim_heap
 from pipeline.compute import computing_in
 from pipeline.formats import unfuse_experts
 from pipeline.overrides import WeightScheme
@@ -64,11 +65,13 @@ class LayerInputs:
 
 @dataclass
 class Calibration:
-    """The recorded inputs of every layer for every batch, and the two chains' running state."""
+    """The recorded inputs of every layer for every batch, and the two chains' running state. A batch
+    is one chain forward of `batch_size` calibration samples (the last may hold fewer): the memory
+    plan's `chain_batch`."""
 
     inputs: list[list[LayerInputs]]  # [layer][batch]
-    # [batch]: the unquantized chain's input to the current block; on the first BLOCK_ERROR_BATCHES
-    # batches only where the algorithm fits no targets
+    # [batch]: the unquantized chain's input to the current block; on the batches holding the first
+    # BLOCK_ERROR_SAMPLES only where the algorithm fits no targets
     fp_hidden: list[torch.Tensor]
     q_hidden: list[torch.Tensor]  # [batch]: the quantized chain's input to the current block
     fp_kv: list[UserDict] = field(default_factory=list)  # [batch]: shared-KV store of each chain
@@ -76,10 +79,22 @@ class Calibration:
     # What the chains compute and are kept in, when wider than the model's dtype: float32 where the
     # CPU emulates bf16 (pipeline/compute.py; a Gemma 3 270M block forward: 0.18 s in BF16, 0.03 s).
     compute: torch.dtype | None = None
+    batch_size: int = 1
 
     def computing(self, module: torch.nn.Module):
         """`module` widened to the chains' dtype for a forward on them."""
         return computing_in(module, self.compute) if self.compute is not None else nullcontext()
+
+    @property
+    def samples(self) -> int:
+        return sum(h.shape[0] for h in self.q_hidden)
+
+    def picked(self, batches: list, samples: list[int]):
+        """Calibration samples taken out of their batches (per-batch `batches`: hidden states, stores or
+        recorded inputs) and joined into one batch, in the order given."""
+        rows = [_row(batches[s // self.batch_size], s % self.batch_size, self.q_hidden[s // self.batch_size].shape[0])
+                for s in samples]
+        return _joined(rows)
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -108,8 +123,9 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     The layers pass their input through meanwhile: what the model hands a layer besides the hidden
     states (PLE slice, rotary tables, masks) does not depend on the layers before it, and the chains
     compute the hidden states. The forward stops at the last layer: nothing after it is needed. With
-    `compute`, the forward and so everything recorded are in that dtype. The unquantized chain starts on
-    the first `reference_batches` (all when None), the quantized chain on every batch."""
+    `compute`, the forward and so everything recorded are in that dtype. Each of `batches` is one chain
+    batch; the unquantized chain starts on the first `reference_batches` (all when None), the quantized
+    chain on every batch."""
     inputs: list[list[LayerInputs]] = [[] for _ in layers]
     first_hidden: list[torch.Tensor] = []
     last = len(layers) - 1
@@ -146,7 +162,8 @@ def record_inputs(model, layers: torch.nn.ModuleList, batches: list[torch.Tensor
     reference = first_hidden[:reference_batches]
     # The chains rebind their entries as they advance, never write into them: both start on the same tensors.
     return Calibration(inputs=inputs, fp_hidden=list(reference), q_hidden=first_hidden,
-                       fp_kv=[UserDict() for _ in reference], q_kv=[UserDict() for _ in batches], compute=compute)
+                       fp_kv=[UserDict() for _ in reference], q_kv=[UserDict() for _ in batches], compute=compute,
+                       batch_size=batches[0].shape[0])
 
 
 def _cast(value, dtype: torch.dtype):
@@ -187,6 +204,22 @@ def _joined(values: list):
     if isinstance(first, (dict, UserDict)):
         return type(first)({k: _joined([v[k] for v in values]) for k in first})
     return first
+
+
+def _row(value, row: int, size: int):
+    """One sample of a batch of `size` (`_joined`'s inverse): tensors whose batch dimension is `size`
+    sliced to `row`, anything else (the same for every sample) as it is."""
+    if size == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[row:row + 1] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, LayerInputs):
+        return LayerInputs(_row(value.args, row, size), _row(value.kwargs, row, size), value.shares_kv)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_row(v, row, size) for v in value)
+    if isinstance(value, (dict, UserDict)):
+        return type(value)({k: _row(v, row, size) for k, v in value.items()})
+    return value
 
 
 def move_layer_state(cal: Calibration, index: int, device: torch.device) -> None:
@@ -321,7 +354,7 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     optimizer = SignSGD(groups, lr=lr, weight_decay=0)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=options.iters)
     rng = random.Random(index)
-    samples = len(cal.q_hidden)
+    samples = cal.samples
     best_loss, best = float("inf"), {}
     with expert_reconstruction(layer) as expert_errors:
         for _ in range(options.iters):
@@ -330,11 +363,11 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
             # One forward of the picked batches joined, as auto-round's own loop: per-batch forwards and
             # backwards cost far more (benchmarks/RESULTS.md, the block driver's profile). A storing layer
             # writes its K/V into the joined store, never into the chain's.
-            hidden = torch.cat([cal.q_hidden[b] for b in picked]).float()
-            store = _cast(_joined([cal.q_kv[b] for b in picked]), torch.float32)
+            hidden = cal.picked(cal.q_hidden, picked).float()
+            store = _cast(cal.picked(cal.q_kv, picked), torch.float32)
             expert_errors.clear()
-            pred = run_layer(layer, hidden, _joined([inputs[b] for b in picked]), store)
-            sample_loss = torch.nn.functional.mse_loss(pred, torch.cat([fp_out[b] for b in picked]).float())
+            pred = run_layer(layer, hidden, cal.picked(inputs, picked), store)
+            sample_loss = torch.nn.functional.mse_loss(pred, cal.picked(fp_out, picked).float())
             if expert_errors:  # MoE: every expert's own error over all tokens (moe_calibration)
                 sample_loss = sample_loss + torch.stack(expert_errors).mean()
             sample_loss.backward()
@@ -352,7 +385,7 @@ def autoround_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal:
     for name, module in targets.items():
         results[name] = from_autoround(module.weight, module.scale, getattr(module, "zp", None), schemes[name],
                                        module.weight.dtype)
-        module.weight.data = results[name].weight.clone()
+        module.weight.data = results[name].weight  # shared, as in the other solvers (gptq_block)
     for module in layer.modules():
         for attr in _AUTOROUND_ATTRS:
             if isinstance(module, torch.nn.Linear) and attr in module.__dict__:
@@ -405,7 +438,7 @@ def opt_rtn_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: C
         total, count = stats[name]
         scale, zero_point = searched_qparams(module.weight.data, schemes[name], total / max(count, 1))
         module.weight.data = fake_quantize(module.weight.data, scale, zero_point, weight_args(schemes[name]))
-        results[name] = QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+        results[name] = QuantizedWeight(module.weight.data, scale, zero_point)  # shared, as in gptq_block
     return results
 
 
@@ -434,19 +467,26 @@ def gptq_block(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Cali
             blocksize=recipe.gptq.block_size, percdamp=recipe.gptq.dampening,
         )
         module.weight.data = quantized[0].to(module.weight.dtype)
-        results[name] = QuantizedWeight(module.weight.data.clone(), scale, zero_point)
+        # The grid shares the module's new weight, which nothing changes in place: a copy of every quantized
+        # weight held to the end of the pass was the decoder's size again (benchmarks/RESULTS.md, memory plan).
+        results[name] = QuantizedWeight(module.weight.data, scale, zero_point)
     return results
 
 
 BLOCK_SOLVERS = {"autoround": autoround_block, "gptq": gptq_block, "opt-rtn": opt_rtn_block}  # the calibrated algorithms the driver runs
 
 
+def _per_sample_mean(errors: list[float], batches: list[torch.Tensor]) -> float:
+    """The mean over samples of per-batch mean errors (batches may differ in size)."""
+    return sum(e * b.shape[0] for e, b in zip(errors, batches)) / sum(b.shape[0] for b in batches)
+
+
 def chain_error(cal: Calibration) -> float:
     """Mean squared error of the quantized chain against the unquantized one, once both are advanced
     through the same block, on the batches the unquantized chain runs: the block's output error, which
     the calibrated algorithms minimise."""
-    return sum(torch.nn.functional.mse_loss(q.float(), fp.float()).item()
-               for q, fp in zip(cal.q_hidden, cal.fp_hidden)) / len(cal.fp_hidden)
+    return _per_sample_mean([torch.nn.functional.mse_loss(q.float(), fp.float()).item()
+                             for q, fp in zip(cal.q_hidden, cal.fp_hidden)], cal.fp_hidden)
 
 
 @torch.no_grad()
@@ -461,22 +501,23 @@ def rtn_error(layer, targets: dict[str, torch.nn.Linear], index: int, cal: Calib
     for name, module in targets.items():
         scale, zero_point = rtn_qparams(module.weight.data, schemes[name])
         module.weight.data = fake_quantize(module.weight.data, scale, zero_point, weight_args(schemes[name]))
-    total = 0.0
+    errors = []
     try:
         with cal.computing(layer):
             for b, reference in enumerate(cal.fp_hidden):
                 out = run_layer(layer, cal.q_hidden[b], cal.inputs[index][b], UserDict(cal.q_kv[b]))
-                total += torch.nn.functional.mse_loss(out.float(), reference.float()).item()
+                errors.append(torch.nn.functional.mse_loss(out.float(), reference.float()).item())
     finally:
         for name, module in targets.items():
             module.weight.data = originals[name]
-    return total / len(cal.fp_hidden)
+    return _per_sample_mean(errors, cal.fp_hidden)
 
 
 # ---------------------------------------------------------------- driver
 
 
-def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None) -> str:
+def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | None = None,
+                   chain_batch: int = 1) -> str:
     settings = {"model": recipe.model.model_dump(), "scheme": recipe.scheme, "group_size": recipe.group_size,
                 "symmetric": recipe.symmetric, "algorithm": recipe.algorithm, "skip": recipe.skip,
                 "options": recipe.algorithm_options and recipe.algorithm_options.model_dump(), "calibration": calibration_sha}
@@ -486,6 +527,8 @@ def checkpoint_key(recipe: Recipe, calibration_sha: str, compute: torch.dtype | 
         settings["quantize_experts"] = True
     if compute is not None:  # chains computed in float32 give other grids than BF16 chains
         settings["chain_compute"] = str(compute)
+    if chain_batch != 1:  # wider matmuls may round differently
+        settings["chain_batch"] = chain_batch
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -507,19 +550,20 @@ class BlockwiseResult:
     grids: dict[str, QuantizedWeight]
     block_errors: list[BlockError]  # per block: output MSE with RTN weights and with the algorithm's
     resumed_blocks: list[int]  # blocks read back from an interrupted run's checkpoints
-    error_batches: int  # calibration batches the block errors are measured on
+    error_batches: int  # calibration samples the block errors are measured on
 
 
 def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, checkpoint_dir: Path,
                        calibration_sha: str, onload: torch.device | None = None,
-                       compute: torch.dtype | None = None) -> BlockwiseResult:
+                       compute: torch.dtype | None = None, chain_batch: int = 1) -> BlockwiseResult:
     """Quantize every planned module of the text decoder, block by block; returns each module's grid
     and each block's error against RTN's. Finished blocks are saved under `checkpoint_dir`; a rerun
     with the same settings resumes at the first unfinished block. With `onload` (a GPU the model does
     not fit on), the model stays on the host and each block is onloaded to `onload` in turn, with its
     recorded inputs and the chains' state; grids and state go back to the host after each block.
     With `compute` (float32 where the CPU emulates bf16), the recording pass and both chains compute
-    in it; the algorithms and the grids they return are as in the model's own dtype."""
+    in it; the algorithms and the grids they return are as in the model's own dtype. The chains run
+    `chain_batch` samples per forward (the memory plan's)."""
     prefix, layers = decoder_layers(model)
     planned = {m.name: m.scheme for m in plan.quantized}
     outside = sorted(n for n in planned if not n.startswith(prefix + "."))
@@ -528,19 +572,21 @@ def quantize_blockwise(model, plan: Plan, recipe: Recipe, tokens: torch.Tensor, 
     if any(m.component == "moe_experts" for m in plan.quantized):
         unfuse_experts(model)  # per-expert Linears: what the algorithms tune and the packed exports store
     with every_expert_on_every_token(model):
-        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha, compute)
-        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload, compute)
+        saved_dir = checkpoint_dir / checkpoint_key(recipe, calibration_sha, compute, chain_batch)
+        return _quantize_blocks(model, prefix, layers, planned, recipe, saved_dir, tokens, onload, compute,
+                                chain_batch)
 
 
 def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: dict[str, WeightScheme],
-                     recipe: Recipe, saved_dir: Path, tokens: torch.Tensor,
-                     onload: torch.device | None, compute: torch.dtype | None) -> BlockwiseResult:
+                     recipe: Recipe, saved_dir: Path, tokens: torch.Tensor, onload: torch.device | None,
+                     compute: torch.dtype | None, chain_batch: int) -> BlockwiseResult:
     """quantize_blockwise's loop over the decoder layers, MoE experts already set to see every token."""
     saved_dir.mkdir(parents=True, exist_ok=True)
     host = torch.device("cpu") if onload is not None else None
     with onloaded_in_turn(model, layers, onload) if onload is not None else nullcontext():
-        reference = None if ALGORITHMS[recipe.algorithm].fits_block_outputs else BLOCK_ERROR_BATCHES
-        cal = record_inputs(model, layers, list(tokens.split(1)), state_device=host, compute=compute,
+        # the batches that hold the first BLOCK_ERROR_SAMPLES samples
+        reference = None if ALGORITHMS[recipe.algorithm].fits_block_outputs else -(-BLOCK_ERROR_SAMPLES // chain_batch)
+        cal = record_inputs(model, layers, list(tokens.split(chain_batch)), state_device=host, compute=compute,
                             reference_batches=reference)
     results: dict[str, QuantizedWeight] = {}
     errors: list[dict] = []
@@ -558,8 +604,9 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
         resumed = saved.is_file()
         if resumed:
             block, error = load_checkpoint(saved)
-            for name, q in block.items():
-                targets[name].weight.data = q.weight.to(targets[name].weight.dtype)
+            for name, q in block.items():  # onto the layer's device: a GPU when it is onloaded or spread
+                weight = targets[name].weight
+                targets[name].weight.data = q.weight.to(device=weight.device, dtype=weight.dtype)
             log.info("block %d: resumed from %s", index, saved)
             resumed_blocks.append(index)
         elif targets:
@@ -575,7 +622,10 @@ def _quantize_blocks(model, prefix: str, layers: torch.nn.ModuleList, planned: d
         if onload is not None:
             layer.to(host)
             move_layer_state(cal, index, host)
-            block = {name: QuantizedWeight(*_to((q.weight, q.scale, q.zero_point), host)) for name, q in block.items()}
+            # the grids share the offloaded weights, as on the host (gptq_block)
+            block = {name: QuantizedWeight(targets[name].weight.data, *_to((q.scale, q.zero_point), host))
+                     for name, q in block.items()}
         results.update({layer_prefix + name: q for name, q in block.items()})
         errors.append(error)
-    return BlockwiseResult(results, errors, resumed_blocks, len(cal.fp_hidden))
+        trim_heap()  # what the block's solver freed, back to the system before the next block
+    return BlockwiseResult(results, errors, resumed_blocks, sum(h.shape[0] for h in cal.fp_hidden))

@@ -73,7 +73,8 @@ class BlockwiseBackend:
         compute = torch.float32 if self.memory is not None and self.memory.compute_dtype == "float32" else None
         try:
             result = quantize_blockwise(model, plan, recipe, data.tokens, data.work_dir / CHECKPOINTS, data.sha256,
-                                        onload=onload, compute=compute)
+                                        onload=onload, compute=compute,
+                                        chain_batch=self.memory.chain_batch if self.memory is not None else 1)
         finally:
             if placement == "whole-model":
                 gather(model)
