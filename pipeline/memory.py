@@ -136,14 +136,17 @@ def resolve_budget(spec: MemorySpec, overrides: MemorySpec | None = None) -> tup
     return cpu, gpus, source
 
 
+def _widths(fields: dict) -> tuple[int, int]:
+    """The hidden size and the widest MLP intermediate (dense or expert, doubled where the MLP is)."""
+    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
+    return fields["hidden_size"], intermediate * 2 if fields.get("use_double_wide_mlp") else intermediate
+
+
 def sample_forward_bytes(recipe: Recipe, text_config) -> int:
     """FP32 activations of one calibration sample through one block: hidden states, MLP intermediate,
     attention scores."""
     fields = text_config.to_dict()  # per-layer attributes refuse a global read; the dict has them all
-    hidden, seq = fields["hidden_size"], recipe.calibration.seq_len
-    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
-    if fields.get("use_double_wide_mlp"):
-        intermediate *= 2
+    (hidden, intermediate), seq = _widths(fields), recipe.calibration.seq_len
     return seq * (4 * hidden + 2 * intermediate) * 4 + fields["num_attention_heads"] * seq * seq * 4
 
 
@@ -154,10 +157,7 @@ def activation_bytes(recipe: Recipe, text_config) -> int:
     from pipeline.reload import PROBE_SEQUENCES, PROBE_TOKENS
 
     fields = text_config.to_dict()
-    hidden, vocab = fields["hidden_size"], fields["vocab_size"]
-    intermediate = max(fields.get("intermediate_size") or 0, fields.get("moe_intermediate_size") or 0)
-    if fields.get("use_double_wide_mlp"):
-        intermediate *= 2
+    (hidden, intermediate), vocab = _widths(fields), fields["vocab_size"]
     probe = PROBE_SEQUENCES * PROBE_TOKENS
     need = probe * (vocab * 3 + 4 * hidden + 2 * intermediate) * 4
     if recipe.calibrated:
